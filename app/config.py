@@ -1,0 +1,266 @@
+"""Settings: a TOML file < ``IMAGEGATE_*`` environment variables < command-line flags.
+
+Every field is documented where it is declared (the ``Meta(description=...)``); the CLI turns each scalar field of
+:class:`Settings` into a flag (``data_dir`` -> ``--data-dir``) and each field into an environment variable
+(``data_dir`` -> ``IMAGEGATE_DATA_DIR``; list and table fields take JSON there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from app.worker.protocol import SCHEDULERS, parse_size
+
+ENV_PREFIX = "IMAGEGATE_"
+_DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?")
+DEMO_MODEL = "imagegate-demo"
+DEFAULT_SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "lms", "heun", "unipc", "ddpm")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which field and why."""
+
+
+def _doc(text: str) -> Meta:
+    return Meta(description=text)
+
+
+class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One served model: where it comes from, where it runs, and what requests it accepts."""
+
+    name: Annotated[str, _doc("Name clients pass as `model`.")]
+    path: Annotated[str, _doc("Directory of a diffusers pipeline (or a hub id on hosts with internet).")] = ""
+    demo: Annotated[bool, _doc("Create a tiny random-weight demo pipeline at `path` when nothing is there yet.")] = (
+        False
+    )
+    devices: Annotated[list[str], _doc("Devices that run this model, one local worker each: cpu, cuda:0, ...")] = (
+        msgspec.field(default_factory=lambda: ["cpu"])
+    )
+    dtype: Annotated[Literal["float32", "float16", "bfloat16"], _doc("Weights dtype on the device.")] = "float32"
+    default_size: Annotated[str, _doc("Size used for `size: auto` or no size, as WxH.")] = "512x512"
+    min_side: Annotated[int, _doc("Smallest accepted width or height, in pixels.")] = 64
+    max_side: Annotated[int, _doc("Largest accepted width or height, in pixels.")] = 1024
+    size_multiple: Annotated[int, _doc("Width and height must be multiples of this.")] = 8
+    default_steps: Annotated[int, _doc("Denoising steps when the request names none.")] = 30
+    max_steps: Annotated[int, _doc("Most denoising steps a request may ask for.")] = 100
+    default_guidance: Annotated[float, _doc("Classifier-free guidance scale when the request names none.")] = 7.5
+    max_guidance: Annotated[float, _doc("Largest accepted guidance_scale.")] = 30.0
+    max_n: Annotated[int, _doc("Most images one request may ask for (OpenAI allows 1-10).")] = 10
+    quality_steps: Annotated[
+        dict[str, float],
+        _doc("`quality` -> fraction of default_steps, used when num_inference_steps is not given."),
+    ] = msgspec.field(default_factory=lambda: {"low": 0.5, "medium": 0.75, "high": 1.0})
+    schedulers: Annotated[
+        list[str], _doc("Scheduler names requests may choose; checked against the pipeline when the worker starts.")
+    ] = msgspec.field(default_factory=lambda: list(DEFAULT_SCHEDULERS))
+    default_scheduler: Annotated[str, _doc("Scheduler used when the request names none; empty: the pipeline's.")] = ""
+    preview: Annotated[
+        Literal["auto", "vae", "linear", "taesd"],
+        _doc("How partial images are decoded: auto picks linear for known SD latent spaces, else vae."),
+    ] = "auto"
+    preview_downscale: Annotated[
+        int, _doc("vae previews decode latents pooled by this factor (1: full size), then resize up.")
+    ] = 2
+    taesd_path: Annotated[str, _doc("Directory of an AutoencoderTiny (TAESD) for preview = taesd.")] = ""
+    max_queue: Annotated[int, _doc("Requests that may wait for a worker; past this the answer is 429.")] = 64
+
+    def size_limits_text(self) -> str:
+        return f"{self.min_side}-{self.max_side} px, multiples of {self.size_multiple}"
+
+
+def demo_model(data_dir: str) -> ModelConfig:
+    """The embedded demo model served when no model is configured."""
+    return ModelConfig(
+        name=DEMO_MODEL,
+        path=str(Path(data_dir) / "models" / DEMO_MODEL),
+        demo=True,
+        devices=["cpu"],
+        default_size="256x256",
+        min_side=64,
+        max_side=1024,
+        size_multiple=16,
+        default_steps=20,
+        max_steps=100,
+        preview="vae",
+        preview_downscale=1,  # a random-weight VAE is not scale-robust: pooled latents decode to other pictures
+        default_scheduler="ddim",
+    )
+
+
+def _default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "imagegate")
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything `imagegate serve` and `imagegate worker` read at start-up."""
+
+    host: Annotated[str, _doc("Address the gateway binds.")] = "127.0.0.1"
+    port: Annotated[int, _doc("Port the gateway binds.")] = 8000
+    data_dir: Annotated[
+        str, _doc("Where models, generated image files and secrets live (default: $XDG_DATA_HOME/imagegate).")
+    ] = ""
+    models: Annotated[list[ModelConfig], _doc("Served models; none configured serves the demo model.")] = []
+    default_response_format: Annotated[
+        Literal["b64_json", "url"], _doc("response_format when the request names none.")
+    ] = "b64_json"
+    public_url: Annotated[
+        str, _doc("Base URL put in `url` responses (e.g. https://images.example.com); default: the request's.")
+    ] = ""
+    url_ttl: Annotated[int, _doc("Seconds a signed image URL stays valid; files are deleted after it.")] = 3600
+    url_secret: Annotated[str, _doc("Key that signs image URLs; default: generated once and kept in data_dir.")] = ""
+    sse_ping_interval: Annotated[float, _doc("Seconds between keep-alive comments on an idle SSE stream.")] = 15.0
+    request_timeout: Annotated[float, _doc("Deadline in seconds for one request, queueing included.")] = 600.0
+    worker_start_timeout: Annotated[float, _doc("Seconds a local worker may take to load its models.")] = 600.0
+    worker_restart_max_backoff: Annotated[float, _doc("Longest wait before restarting a crashed worker.")] = 30.0
+    worker_token: Annotated[str, _doc("Shared secret between gateway and workers on TCP.")] = ""
+    max_body_size: Annotated[int, _doc("Largest accepted request body in bytes.")] = 10_000_000
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], _doc("Log verbosity.")] = "info"
+
+    def resolved_models(self) -> list[ModelConfig]:
+        return self.models or [demo_model(self.data_dir)]
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.resolved_models() if m.name == name), None)
+
+
+def field_docs(cls: type[msgspec.Struct]) -> dict[str, str]:
+    """Field name -> its documentation, read from the ``Meta`` annotations."""
+    docs: dict[str, str] = {}
+    info = msgspec.inspect.type_info(cls)
+    for f in info.fields:  # type: ignore[attr-defined]
+        extra = getattr(f.type, "extra_json_schema", None) or {}
+        docs[f.name] = extra.get("description", "")
+    return docs
+
+
+def scalar_fields() -> dict[str, type]:
+    """Settings fields that map one-to-one onto a command-line flag."""
+    info = msgspec.inspect.type_info(Settings)
+    out: dict[str, type] = {}
+    for f in info.fields:  # type: ignore[attr-defined]
+        t = f.type
+        base = getattr(t, "type", t) if isinstance(t, msgspec.inspect.Metadata) else t
+        if isinstance(base, msgspec.inspect.StrType | msgspec.inspect.LiteralType):
+            out[f.name] = str
+        elif isinstance(base, msgspec.inspect.IntType):
+            out[f.name] = int
+        elif isinstance(base, msgspec.inspect.FloatType):
+            out[f.name] = float
+    return out
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    scalars = scalar_fields()
+    for name in msgspec.structs.fields(Settings):
+        key = ENV_PREFIX + name.name.upper()
+        if key not in environ:
+            continue
+        raw = environ[key]
+        if name.name in scalars:
+            out[name.name] = raw
+        else:
+            try:
+                out[name.name] = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key} must be JSON: {e}") from None
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    try:
+        if p.suffix == ".json":
+            return json.loads(raw)
+        return tomllib.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {e}") from None
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    environ: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Merge the three layers (file < env < overrides) and validate the result.
+
+    Raises:
+        ConfigError: a value is missing, malformed or inconsistent.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    merged: dict[str, Any] = {}
+    if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
+        config_file = environ[ENV_PREFIX + "CONFIG"]
+    if config_file:
+        merged.update(read_config_file(config_file))
+    merged.update(_from_env(environ))
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        settings = msgspec.convert(merged, Settings, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid configuration: {e}") from None
+    if not settings.data_dir:
+        settings.data_dir = _default_data_dir()
+    settings.data_dir = str(Path(settings.data_dir).expanduser().resolve())
+    if not settings.models:
+        settings.models = [demo_model(settings.data_dir)]
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Check what the types alone cannot: unique names, sizes, known schedulers."""
+    seen: set[str] = set()
+    for m in settings.resolved_models():
+        where = f"model {m.name!r}"
+        if m.name in seen:
+            raise ConfigError(f"{where} is configured twice")
+        seen.add(m.name)
+        if not m.path:
+            raise ConfigError(f"{where}: `path` is required")
+        if not m.devices:
+            raise ConfigError(f"{where}: `devices` is empty")
+        for d in m.devices:
+            if not _DEVICE.fullmatch(d):
+                raise ConfigError(f"{where}: unknown device {d!r} (cpu, cuda:N, mps, xpu:N)")
+        if not 1 <= m.min_side <= m.max_side:
+            raise ConfigError(f"{where}: need 1 <= min_side <= max_side")
+        try:
+            w, h = parse_size(m.default_size)
+        except ValueError:
+            raise ConfigError(f"{where}: default_size {m.default_size!r} is not WxH") from None
+        if (
+            not (m.min_side <= w <= m.max_side and m.min_side <= h <= m.max_side)
+            or w % m.size_multiple
+            or (h % m.size_multiple)
+        ):
+            raise ConfigError(f"{where}: default_size {m.default_size} is outside {m.size_limits_text()}")
+        if not 1 <= m.default_steps <= m.max_steps:
+            raise ConfigError(f"{where}: need 1 <= default_steps <= max_steps")
+        if not 1 <= m.max_n <= 10:
+            raise ConfigError(f"{where}: max_n must be 1-10")
+        unknown = [s for s in [*m.schedulers, m.default_scheduler] if s and s not in SCHEDULERS]
+        if unknown:
+            raise ConfigError(f"{where}: unknown scheduler(s) {unknown}; known: {', '.join(sorted(SCHEDULERS))}")
+        if m.default_scheduler and m.default_scheduler not in m.schedulers:
+            m.schedulers = [*m.schedulers, m.default_scheduler]
+        if m.preview == "taesd" and not m.taesd_path:
+            raise ConfigError(f"{where}: preview = taesd needs taesd_path")
+        if m.preview_downscale < 1:
+            raise ConfigError(f"{where}: preview_downscale must be >= 1")
+        bad_q = set(m.quality_steps) - {"low", "medium", "high"}
+        if bad_q or any(not 0 < v <= 1 for v in m.quality_steps.values()):
+            raise ConfigError(f"{where}: quality_steps maps low/medium/high to fractions in (0, 1]")
