@@ -1,0 +1,75 @@
+"""Exception handlers: every error leaves the gateway in OpenAI's shape, with the right status."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import msgspec
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.exceptions.http_exceptions import MethodNotAllowedException
+
+from app.errors import ApiError, ErrorResponse, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
+
+log = logging.getLogger("imagegate.api")
+
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_AT_PATH = re.compile(r" - at `\$\.([A-Za-z0-9_.\[\]]+)`$")
+
+
+def error_response(error: ApiError) -> Response[bytes]:
+    return Response(
+        content=msgspec.json.encode(ErrorResponse(error=error.body())),
+        status_code=error.status,
+        media_type=MediaType.JSON,
+        headers=error.headers(),
+    )
+
+
+def _from_validation(exc: ValidationException) -> ApiError:
+    extra = exc.extra if isinstance(exc.extra, list) and exc.extra else None
+    if extra is None or not isinstance(extra[0], dict):
+        return InvalidRequest(exc.detail or "Invalid request body.")
+    first = extra[0]
+    message = str(first.get("message", exc.detail))
+    param = first.get("key")
+    if param in (None, "data", "body") and (m := _AT_PATH.search(message)):
+        param = m.group(1)
+    if m := _MISSING_FIELD.search(message):
+        param = m.group(1)
+        message = f"Missing required parameter: '{param}'."
+    elif param and param not in ("data", "body"):
+        message = f"Invalid value for '{param}': {_AT_PATH.sub('', message)}"
+    else:
+        param = None
+    return InvalidRequest(message, param=param)
+
+
+def _from_http(exc: HTTPException) -> ApiError:
+    if isinstance(exc, ValidationException):
+        return _from_validation(exc)
+    if isinstance(exc, NotFoundException):
+        return NotFound("Not found: no such route or resource.")
+    if isinstance(exc, MethodNotAllowedException):
+        return MethodNotAllowed(exc.detail or "Method not allowed.", headers=exc.headers)
+    if exc.status_code == 413:
+        return PayloadTooLarge("The request body is too large.")
+    if exc.status_code == 400:
+        return InvalidRequest(f"We could not parse your request: {exc.detail}")
+    error = ApiError(exc.detail or "Request failed.", headers=exc.headers)
+    error.status = exc.status_code  # type: ignore[misc]
+    error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"  # type: ignore[misc]
+    return error
+
+
+def handle(request: Request, exc: Exception) -> Response[bytes]:
+    if isinstance(exc, ApiError):
+        return error_response(exc)
+    if isinstance(exc, HTTPException):
+        return error_response(_from_http(exc))
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(ApiError("The server had an error while processing your request."))
+
+
+EXCEPTION_HANDLERS = {Exception: handle}

@@ -1,0 +1,54 @@
+"""The one place that frames Server-Sent Events, as OpenAI does: ``event: <type>`` then ``data: <json>``.
+
+No ``id:`` lines (the Python SDK's decoder then yields empty events after keep-alive comments), no ``[DONE]``.
+A failure after the 200 becomes an ``error`` event with a top-level ``error`` object, and the stream ends.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from litestar.types import ASGIApp, Receive, Scope, Send
+from sse_starlette import EventSourceResponse
+
+from app.errors import ApiError, Cancelled, ErrorEvent
+from app.services.images import EventStream
+
+log = logging.getLogger("imagegate.sse")
+
+_encode = msgspec.json.Encoder().encode
+
+
+def frame(event_type: str, payload: msgspec.Struct) -> bytes:
+    return b"event: " + event_type.encode() + b"\ndata: " + _encode(payload) + b"\n\n"
+
+
+def _error_frame(error: ApiError) -> bytes:
+    return frame("error", ErrorEvent(error=error.body()))
+
+
+def event_stream(events: EventStream, ping_interval: float) -> ASGIApp:
+    """An ASGI app streaming ``events`` as SSE with keep-alive comments; it always closes ``events``."""
+
+    async def frames():
+        try:
+            async for event in events:
+                yield frame(event.type, event)
+        except Cancelled:
+            return
+        except ApiError as e:
+            yield _error_frame(e)
+        except Exception:
+            log.exception("stream failed")
+            yield _error_frame(ApiError("The server had an error while processing your request."))
+
+    response = EventSourceResponse(frames(), ping=ping_interval, sep="\n", headers={"cache-control": "no-cache"})
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await response(scope, receive, send)  # type: ignore[arg-type]
+        finally:
+            await events.aclose()
+
+    return app

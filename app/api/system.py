@@ -1,0 +1,71 @@
+"""Liveness, readiness, the model list, the contract, and signed image files."""
+
+from __future__ import annotations
+
+import msgspec
+from litestar import Controller, MediaType, Response, get
+from litestar.response import File
+
+from app.errors import NotFound
+from app.pool import Pool
+from app.protocol.images import Model, ModelList
+from app.store.files import MEDIA_TYPES, ROUTE, ImageFiles
+
+
+class ReadyBackend(msgspec.Struct):
+    name: str
+    state: str
+    models: list[str]
+    outstanding: int
+    detail: str
+
+
+class Readiness(msgspec.Struct):
+    status: str
+    models: dict[str, int]
+    """Ready backends per model."""
+    backends: list[ReadyBackend]
+
+
+class SystemController(Controller):
+    @get("/health", operation_id="health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/ready", operation_id="ready")
+    async def ready(self, pool: Pool) -> Response[Readiness]:
+        body = Readiness(
+            status="ready" if pool.is_ready() else "not_ready",
+            models={m: len(pool.ready(m)) for m in pool.models},
+            backends=[
+                ReadyBackend(m.name, m.state.value, sorted(m.models), m.outstanding, m.detail) for m in pool.members
+            ],
+        )
+        return Response(body, status_code=200 if pool.is_ready() else 503)
+
+    @get("/v1/models", operation_id="listModels")
+    async def list_models(self, pool: Pool, started_at: int) -> ModelList:
+        return ModelList(data=[Model(id=name, created=started_at) for name in pool.models])
+
+    @get("/v1/models/{model_id:str}", operation_id="retrieveModel")
+    async def retrieve_model(self, model_id: str, pool: Pool, started_at: int) -> Model:
+        if model_id not in pool.models:
+            raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+        return Model(id=model_id, created=started_at)
+
+    @get("/openapi.yaml", operation_id="openapi", media_type="application/yaml")
+    async def openapi(self, contract: bytes) -> bytes:
+        return contract
+
+    @get(f"{ROUTE}/{{name:str}}", operation_id="imageFile", media_type=MediaType.TEXT)
+    async def image_file(
+        self, name: str, files: ImageFiles, expires: str | None = None, signature: str | None = None
+    ) -> File:
+        path = files.resolve(name, expires, signature)
+        if path is None:
+            raise NotFound("This image URL is invalid or has expired.")
+        return File(
+            path,
+            media_type=MEDIA_TYPES.get(path.suffix[1:], "application/octet-stream"),
+            content_disposition_type="inline",
+        )

@@ -1,0 +1,97 @@
+"""The application factory: long-lived objects are made in the lifespan and kept on ``app.state``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.plugins.prometheus import PrometheusController
+
+from app import metrics
+from app.api.errors import EXCEPTION_HANDLERS
+from app.api.images import ImagesController
+from app.api.system import SystemController
+from app.backends.base import Backend
+from app.config import Settings
+from app.contract import bundled_yaml
+from app.pool import Pool
+from app.pool import State as BackendState
+from app.pool.supervisor import Supervisor
+from app.services.images import ImageService
+from app.store.files import ImageFiles, load_or_create_secret
+
+log = logging.getLogger("imagegate")
+
+
+def create_app(settings: Settings, *, backends: Sequence[tuple[Backend, Sequence[str]]] | None = None) -> Litestar:
+    """Build the gateway.
+
+    Args:
+        settings: the effective settings.
+        backends: ``(backend, model names)`` pairs to serve from instead of spawning local workers (tests,
+            benchmarks); they count as ready at once.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        state = app.state
+        data_dir = Path(settings.data_dir)
+        secret = settings.url_secret.encode() if settings.url_secret else load_or_create_secret(data_dir / "secret")
+        files = ImageFiles(data_dir / "images", secret, settings.url_ttl)
+        pool = Pool(settings.resolved_models())
+        supervisor: Supervisor | None = None
+        runtime_dir = Path(tempfile.mkdtemp(prefix="imagegate-"))
+        if backends is None:
+            supervisor = Supervisor(settings, pool, runtime_dir)
+            await supervisor.start()
+        else:
+            for backend, models in backends:
+                pool.add(backend, models, state=BackendState.READY)
+        sweeper = asyncio.create_task(files.sweep_forever(), name="sweep-image-files")
+        state.update(pool=pool, files=files, images=ImageService(settings, pool, files), supervisor=supervisor)
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            if supervisor is not None:
+                await supervisor.stop()
+            else:
+                for member in pool.members:
+                    await member.backend.close()
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+
+    started_at = int(time.time())
+    contract = bundled_yaml()
+
+    def from_state(key: str) -> Provide:
+        def provide(state: State) -> object:
+            return state[key]
+
+        return Provide(provide, sync_to_thread=False)
+
+    return Litestar(
+        route_handlers=[ImagesController, SystemController, PrometheusController],
+        lifespan=[lifespan],
+        state=State({"settings": settings}),
+        dependencies={
+            "pool": from_state("pool"),
+            "images": from_state("images"),
+            "files": from_state("files"),
+            "started_at": Provide(lambda: started_at, sync_to_thread=False),
+            "contract": Provide(lambda: contract, sync_to_thread=False),
+        },
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        middleware=[metrics.http.middleware],
+        request_max_body_size=settings.max_body_size,
+        openapi_config=None,
+        logging_config=None,
+    )

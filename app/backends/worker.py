@@ -1,0 +1,108 @@
+"""WorkerBackend: the gateway's client of one imagegate worker, over a Unix socket or TCP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import msgspec
+
+from app.errors import BackendFailed
+from app.worker.protocol import (
+    CONTENT_TYPE,
+    FRAME_HEADER,
+    TOKEN_HEADER,
+    Done,
+    Failed,
+    GenerationParams,
+    HealthInfo,
+    WorkerEvent,
+    decode_event,
+    encode_params,
+)
+
+
+def parse_address(address: str) -> tuple[str | None, str]:
+    """``unix:/path.sock`` -> (socket path, base URL); ``host:port`` or ``http://host:port`` -> (None, base URL)."""
+    if address.startswith("unix:"):
+        return address[5:], "http://worker"
+    if address.startswith(("http://", "https://")):
+        return None, address.rstrip("/")
+    if address.startswith("tcp://"):
+        address = address[6:]
+    return None, f"http://{address}"
+
+
+class WorkerBackend:
+    """Runs jobs on an imagegate worker through its HTTP protocol (see :mod:`app.worker.protocol`)."""
+
+    def __init__(self, name: str, address: str, *, token: str = "", connect_timeout: float = 5.0) -> None:
+        self.name = name
+        self.address = address
+        self._socket_path, self._base = parse_address(address)
+        self._headers = {TOKEN_HEADER: token} if token else {}
+        self._connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = (
+                aiohttp.UnixConnector(path=self._socket_path, limit=0)
+                if self._socket_path
+                else aiohttp.TCPConnector(limit=0)
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            )
+        return self._session
+
+    async def generate(self, params: GenerationParams) -> AsyncIterator[WorkerEvent]:
+        try:
+            resp = await self._client().post(
+                f"{self._base}/v1/generate", data=encode_params(params), headers={"content-type": CONTENT_TYPE}
+            )
+        except (aiohttp.ClientError, OSError) as e:
+            raise BackendFailed(f"worker {self.name} is unreachable: {e}") from None
+        finished = False
+        try:
+            if resp.status != 200:
+                text = (await resp.text())[:500]
+                raise BackendFailed(f"worker {self.name} answered {resp.status}: {text}")
+            while True:
+                try:
+                    header = await resp.content.readexactly(FRAME_HEADER.size)
+                    (length,) = FRAME_HEADER.unpack(header)
+                    event = decode_event(await resp.content.readexactly(length))
+                except (asyncio.IncompleteReadError, aiohttp.ClientError, OSError):
+                    raise BackendFailed(f"worker {self.name} closed the stream before the job ended") from None
+                except msgspec.DecodeError as e:
+                    raise BackendFailed(f"worker {self.name} sent a malformed event: {e}") from None
+                yield event
+                if isinstance(event, Done | Failed):
+                    finished = True
+                    return
+        finally:
+            if finished:
+                resp.release()
+            else:
+                # Closing the connection is what tells the worker to cancel the job.
+                resp.close()
+
+    async def health(self) -> HealthInfo:
+        try:
+            async with self._client().get(
+                f"{self._base}/health", timeout=aiohttp.ClientTimeout(total=self._connect_timeout)
+            ) as resp:
+                if resp.status != 200:
+                    raise BackendFailed(f"worker {self.name} health answered {resp.status}")
+                return msgspec.json.decode(await resp.read(), type=HealthInfo)
+        except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError) as e:
+            raise BackendFailed(f"worker {self.name} health check failed: {e}") from None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,143 @@
+"""The one error vocabulary of imagegate.
+
+Every failure a client can see is an :class:`ApiError`. It renders as OpenAI's error body,
+``{"error": {"message", "type", "param", "code"}}``, with its HTTP status before a stream has started, and as an
+``error`` SSE event after::
+
+    ApiError (500 server_error)
+    ├── InvalidRequest     400 invalid_request_error   a field is missing, malformed or out of range (param names it)
+    ├── NotFound           404 invalid_request_error   unknown route or model
+    ├── MethodNotAllowed   405 invalid_request_error
+    ├── PayloadTooLarge    413 invalid_request_error
+    ├── Overloaded         429 rate_limit_error        the model's queue is full (Retry-After)
+    ├── Unavailable        503 server_error            no worker is ready for the model (Retry-After)
+    ├── BackendFailed      502 server_error            a worker failed or vanished mid-request
+    ├── OutOfMemory        503 server_error            the device ran out of memory for this request
+    └── DeadlineExceeded   504 server_error            the request outlived request_timeout
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+from app.worker.protocol import Failed
+
+
+class ApiError(Exception):
+    """Base of every error a client can see."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.retry_after = retry_after
+        self.extra_headers = headers or {}
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+
+    def headers(self) -> dict[str, str]:
+        h = dict(self.extra_headers)
+        if self.retry_after is not None:
+            h["retry-after"] = str(max(1, round(self.retry_after)))
+        return h
+
+
+class InvalidRequest(ApiError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class NotFound(ApiError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class Overloaded(ApiError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "queue_full"
+
+
+class Unavailable(ApiError):
+    status = 503
+    default_code = "model_unavailable"
+
+
+class BackendFailed(ApiError):
+    status = 502
+    default_code = "worker_failed"
+
+
+class OutOfMemory(ApiError):
+    status = 503
+    default_code = "out_of_memory"
+
+
+class DeadlineExceeded(ApiError):
+    status = 504
+    default_code = "timeout"
+
+
+class Cancelled(ApiError):
+    """The worker stopped the job because its client went away; never shown to a connected client."""
+
+    status = 499
+    default_code = "cancelled"
+
+
+class ErrorBody(msgspec.Struct):
+    """OpenAI's ``error`` object; all four keys are always present."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody
+
+
+class ErrorEvent(msgspec.Struct):
+    """The ``error`` SSE event: a top-level ``error`` object, so the OpenAI SDKs raise ``APIError``."""
+
+    error: ErrorBody
+    type: str = "error"
+
+
+def from_worker(failed: Failed) -> ApiError:
+    """Map a worker's :class:`Failed` event onto the error a client sees."""
+    if failed.kind == "invalid_request":
+        return InvalidRequest(failed.message, param=failed.param)
+    if failed.kind == "out_of_memory":
+        return OutOfMemory(failed.message)
+    if failed.kind == "cancelled":
+        return Cancelled(failed.message)
+    return BackendFailed(f"the worker failed: {failed.message}")

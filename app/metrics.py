@@ -1,0 +1,49 @@
+"""Every Prometheus metric of the gateway, declared once.
+
+Labels stay bounded: model and backend names come from the configuration, outcomes from a fixed set; prompts, users
+and keys never become labels.
+"""
+
+from __future__ import annotations
+
+from litestar.plugins.prometheus import PrometheusConfig
+from prometheus_client import Counter, Gauge, Histogram
+
+_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+http = PrometheusConfig(
+    app_name="imagegate",
+    prefix="imagegate_http",
+    group_path=True,
+    excluded_http_methods=["OPTIONS"],
+    exclude=["/metrics"],
+)
+"""HTTP metrics per method, route template and status: imagegate_http_requests_total and friends."""
+
+IMAGES = Counter(
+    "imagegate_images_total",
+    "Images asked for, by model and outcome (success, error, cancelled, rejected).",
+    ["model", "outcome"],
+)
+GENERATION_SECONDS = Histogram(
+    "imagegate_generation_duration_seconds",
+    "Time a worker spent running a request, from leaving its queue to the last image.",
+    ["model"],
+    buckets=_SECONDS,
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "imagegate_queue_wait_seconds",
+    "Time from admission until a worker started the request.",
+    ["model"],
+    buckets=_SECONDS,
+)
+FIRST_PARTIAL_SECONDS = Histogram(
+    "imagegate_time_to_first_partial_image_seconds",
+    "Time from admission to the first partial image of a streamed request.",
+    ["model"],
+    buckets=_SECONDS,
+)
+QUEUE_DEPTH = Gauge("imagegate_queue_depth", "Admitted requests not yet started by a worker.", ["model"])
+WORKERS_UP = Gauge("imagegate_workers_up", "Ready workers serving the model.", ["model"])
+BACKEND_UP = Gauge("imagegate_backend_up", "1 when the backend is ready, else 0.", ["backend"])
+WORKER_RESTARTS = Counter("imagegate_worker_restarts_total", "Local worker processes restarted.", ["backend"])

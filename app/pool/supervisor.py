@@ -1,0 +1,141 @@
+"""Local worker processes: spawn one per device, wait until ready, restart with backoff, stop with the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from app import metrics
+from app.backends.worker import WorkerBackend
+from app.config import Settings
+from app.errors import BackendFailed
+from app.pool.pool import Member, Pool, State
+
+log = logging.getLogger("imagegate.supervisor")
+
+STABLE_AFTER = 60.0
+"""A worker that stayed up this long has its restart backoff reset."""
+
+
+@dataclass(eq=False)
+class LocalWorker:
+    device: str
+    models: list[str]
+    socket_path: Path
+    member: Member
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Supervisor:
+    """Runs the local workers the configuration names: one process per device, serving every model on it."""
+
+    def __init__(self, settings: Settings, pool: Pool, runtime_dir: Path) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.runtime_dir = runtime_dir
+        self.workers: list[LocalWorker] = []
+        self._stopping = False
+        self._settings_file = runtime_dir / "settings.json"
+
+    def _layout(self) -> dict[str, list[str]]:
+        devices: dict[str, list[str]] = {}
+        for m in self.settings.resolved_models():
+            for d in m.devices:
+                devices.setdefault(d, []).append(m.name)
+        return devices
+
+    async def start(self) -> None:
+        self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._settings_file.write_bytes(msgspec.json.encode(self.settings))
+        self._settings_file.chmod(0o600)
+        for i, (device, models) in enumerate(self._layout().items()):
+            sock = self.runtime_dir / f"w{i}.sock"
+            name = f"local-{device.replace(':', '')}"
+            backend = WorkerBackend(name, f"unix:{sock}", connect_timeout=5.0)
+            worker = LocalWorker(device=device, models=models, socket_path=sock, member=self.pool.add(backend, models))
+            worker.task = asyncio.create_task(self._keep_running(worker), name=f"supervise-{name}")
+            self.workers.append(worker)
+
+    def _command(self, w: LocalWorker) -> list[str]:
+        cmd = [sys.executable, "-m", "app", "worker", "--device", w.device, "--listen", f"unix:{w.socket_path}"]
+        cmd += ["--config", str(self._settings_file), "--parent-pid", str(os.getpid())]
+        for m in w.models:
+            cmd += ["--model", m]
+        return cmd
+
+    async def _keep_running(self, w: LocalWorker) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            w.socket_path.unlink(missing_ok=True)
+            log.info("starting worker %s on %s for %s", w.member.name, w.device, ", ".join(w.models))
+            w.process = await asyncio.create_subprocess_exec(*self._command(w), start_new_session=True)
+            started = time.monotonic()
+            await self._wait_ready(w)
+            code = await w.process.wait()
+            self.pool.set_state(w.member, State.DOWN, f"exited with {code}")
+            if self._stopping:
+                return
+            if time.monotonic() - started > STABLE_AFTER:
+                backoff = 1.0
+            log.warning("worker %s exited with %s; restarting in %.0fs", w.member.name, code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.settings.worker_restart_max_backoff)
+            w.restarts += 1
+            metrics.WORKER_RESTARTS.labels(w.member.name).inc()
+
+    async def _wait_ready(self, w: LocalWorker) -> None:
+        """Poll the worker's health until it is ready, it exits, or worker_start_timeout passes."""
+        assert w.process is not None
+        self.pool.set_state(w.member, State.STARTING)
+        deadline = time.monotonic() + self.settings.worker_start_timeout
+        while w.process.returncode is None and time.monotonic() < deadline:
+            if w.socket_path.exists():
+                try:
+                    info = await w.member.backend.health()
+                except BackendFailed:
+                    info = None
+                if info is not None and info.status == "ready":
+                    self.pool.set_state(w.member, State.READY)
+                    log.info("worker %s ready", w.member.name)
+                    return
+                if info is not None and info.status == "failed":
+                    log.error("worker %s failed to start: %s", w.member.name, info.error)
+                    break
+            await asyncio.sleep(0.1)
+        if w.process.returncode is None:
+            log.error("worker %s did not become ready; stopping it", w.member.name)
+            with contextlib.suppress(ProcessLookupError):
+                w.process.kill()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop every worker: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        self._stopping = True
+        procs = [w.process for w in self.workers if w.process is not None and w.process.returncode is None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        if procs:
+            _, pending = await asyncio.wait([asyncio.create_task(p.wait()) for p in procs], timeout=timeout)
+            for p in procs:
+                if p.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for w in self.workers:
+            if w.task is not None:
+                w.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await w.task
+            await w.member.backend.close()

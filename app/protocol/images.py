@@ -1,0 +1,119 @@
+"""Public wire types of the Images API, named after OpenAI's (``openapi.yaml`` describes the same fields)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+Quality = Literal["auto", "low", "medium", "high", "standard", "hd"]
+ResponseFormat = Literal["url", "b64_json"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+Background = Literal["transparent", "opaque", "auto"]
+
+MAX_SEED = 2**63 - 1
+
+
+class ImageGenerateRequest(msgspec.Struct, kw_only=True):
+    """``POST /v1/images/generations``. Unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    prompt: Annotated[str, Meta(min_length=1, max_length=32000)]
+    model: str | None = None
+    n: Annotated[int, Meta(ge=1, le=10)] = 1
+    size: str | None = None
+    quality: Quality | None = None
+    response_format: ResponseFormat | None = None
+    output_format: OutputFormat | None = None
+    output_compression: Annotated[int, Meta(ge=0, le=100)] | None = None
+    background: Background | None = None
+    moderation: Literal["low", "auto"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    user: str | None = None
+    stream: bool | None = False
+    partial_images: Annotated[int, Meta(ge=0, le=3)] | None = None
+    # Diffusion extensions (the SDKs send them through extra_body).
+    negative_prompt: str | None = None
+    seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
+    num_inference_steps: Annotated[int, Meta(ge=1)] | None = None
+    guidance_scale: Annotated[float, Meta(ge=0)] | None = None
+    scheduler: str | None = None
+
+
+class InputTokensDetails(msgspec.Struct):
+    text_tokens: int
+    image_tokens: int = 0
+
+
+class ImagesUsage(msgspec.Struct):
+    """Token usage as OpenAI reports it for image models.
+
+    ``input_tokens`` are the prompt's tokens as the model's tokenizer counts them; ``output_tokens`` are image
+    tokens, one per 16x16 pixel patch of every returned image.
+    """
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: InputTokensDetails
+
+
+class ImageData(msgspec.Struct, omit_defaults=True):
+    b64_json: str | UnsetType = UNSET
+    url: str | UnsetType = UNSET
+    revised_prompt: str | UnsetType = UNSET
+
+
+class ImagesResponse(msgspec.Struct, kw_only=True):
+    created: int
+    data: list[ImageData]
+    size: str
+    quality: str
+    output_format: str
+    background: str
+    usage: ImagesUsage
+
+
+class ImageGenPartialImageEvent(msgspec.Struct, kw_only=True):
+    """``image_generation.partial_image`` (and ``image_edit.partial_image``, by ``type``)."""
+
+    type: str
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: str
+    output_format: str
+    partial_image_index: int
+    image_index: int
+    """imagegate extension: which of the ``n`` images this partial belongs to."""
+
+
+class ImageGenCompletedEvent(msgspec.Struct, kw_only=True):
+    """``image_generation.completed``: one per image, with usage."""
+
+    type: str
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: str
+    output_format: str
+    usage: ImagesUsage
+    image_index: int
+    """imagegate extension: which of the ``n`` images this is."""
+
+
+StreamEvent = ImageGenPartialImageEvent | ImageGenCompletedEvent
+
+
+class Model(msgspec.Struct):
+    id: str
+    created: int
+    object: str = "model"
+    owned_by: str = "imagegate"
+
+
+class ModelList(msgspec.Struct):
+    data: list[Model]
+    object: str = "list"

@@ -1,0 +1,601 @@
+"""The API contract (``openapi.yaml`` + ``schemas/``) against the code, so that neither drifts from the other.
+
+Static checks: the bundle resolves, the routes are the contract's paths, the handlers' parameters, bodies and
+operation ids are the contract's, and every wire struct has the same fields, required-ness, types, constraints and
+enums as the contract's schema of the same name. Live checks: what the app actually answers (JSON, SSE frames,
+errors, headers) validates against the contract. No torch: the backend is :class:`FakeBackend`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import yaml
+from litestar import Litestar, Response
+from litestar.testing import TestClient
+
+from app import contract
+from app.api.system import Readiness, ReadyBackend
+from app.asgi import create_app
+from app.backends.fake import FakeBackend
+from app.config import DEMO_MODEL, Settings, load_settings
+from app.errors import ErrorBody, ErrorEvent, ErrorResponse
+from app.protocol import images as protocol
+from app.worker.protocol import SCHEDULERS
+
+# Every struct of app.protocol.images is a public wire type, so every one of them must be in the contract.
+PROTOCOL_STRUCTS: list[type[msgspec.Struct]] = [
+    obj
+    for obj in vars(protocol).values()
+    if isinstance(obj, type) and issubclass(obj, msgspec.Struct) and obj.__module__ == protocol.__name__
+]
+WIRE_STRUCTS: list[type[msgspec.Struct]] = [
+    *PROTOCOL_STRUCTS,
+    ErrorResponse,
+    ErrorBody,
+    ErrorEvent,
+    Readiness,
+    ReadyBackend,
+]
+# Structs the server decodes (requests); all others it only encodes (responses, events).
+REQUEST_STRUCTS = {protocol.ImageGenerateRequest}
+# Contract schemas with no struct behind them: the SSE union, and /health's plain dict (checked live).
+SCHEMAS_WITHOUT_STRUCT = {"ImageGenStreamEvent", "Health"}
+
+HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+IGNORED_METHODS = {"HEAD", "OPTIONS"}
+# Handler arguments Litestar fills itself: never path or query parameters.
+RESERVED_KWARGS = {"self", "request", "data", "state", "scope", "headers", "cookies", "query", "body", "socket"}
+# Keywords compared between msgspec's JSON schema and the contract (descriptions, titles, examples are not).
+CONSTRAINT_KEYS = (
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "multipleOf",
+    "format",
+)
+
+
+# -- fixtures -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict[str, Any]:
+    return contract.bundle()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(environ={}, overrides={"data_dir": str(tmp_path)})
+
+
+@pytest.fixture
+def app(settings: Settings) -> Litestar:
+    return create_app(settings, backends=[])
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+
+
+def resolve(spec: dict[str, Any], ref: str) -> Any:
+    """The node a local ``#/a/b`` JSON pointer names; KeyError when there is none."""
+    if not ref.startswith("#/"):
+        raise KeyError(ref)
+    node: Any = spec
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node[part]
+    return node
+
+
+def walk(node: Any, where: str = "#") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every mapping in ``node`` with its JSON-pointer-ish location."""
+    if isinstance(node, dict):
+        yield where, node
+        for k, v in node.items():
+            yield from walk(v, f"{where}/{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from walk(v, f"{where}/{i}")
+
+
+def normalise_path(path: str) -> str:
+    """Litestar's ``/v1/models/{model_id:str}`` -> OpenAPI's ``/v1/models/{model_id}``."""
+    return re.sub(r"\{(\w+):[^}]+\}", r"{\1}", path)
+
+
+def handlers(app: Litestar) -> Iterator[tuple[str, str, Any]]:
+    """``(OpenAPI path, METHOD, handler)`` for every route handler of ``app``, HEAD and OPTIONS left out."""
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", []):
+            for method in sorted(set(handler.http_methods) - IGNORED_METHODS):
+                yield normalise_path(route.path), method, handler
+
+
+def operation(spec: dict[str, Any], path: str, method: str) -> dict[str, Any]:
+    item = spec["paths"].get(path)
+    assert item is not None, f"openapi.yaml has no path {path}"
+    op = item.get(method.lower())
+    assert op is not None, f"openapi.yaml has no {method} {path}"
+    return op
+
+
+def ref_name(node: dict[str, Any]) -> str | None:
+    ref = node.get("$ref")
+    return ref.rsplit("/", 1)[-1] if isinstance(ref, str) else None
+
+
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    raise TypeError(type(value))
+
+
+def shape(schema: dict[str, Any]) -> dict[str, Any]:
+    """A schema reduced to what both msgspec and the contract must agree on, whatever way each spells it.
+
+    ``anyOf: [{type: integer, minimum: 0}, {type: null}]`` and ``type: [integer, 'null'], minimum: 0`` give the
+    same shape; so do ``enum: [a, b]`` next to ``type: null`` and ``type: [string, 'null'], enum: [a, b, null]``.
+    """
+    branches = schema.get("anyOf") or schema.get("oneOf")
+    if branches:
+        merged: dict[str, Any] = {"types": set()}
+        for branch in branches:
+            part = shape(branch)
+            merged["types"] |= part.pop("types")
+            if "enum" in part:
+                merged["enum"] = merged.get("enum", set()) | part.pop("enum")
+            merged.update(part)
+        return merged
+    out: dict[str, Any] = {}
+    types = schema.get("type", [])
+    out["types"] = {types} if isinstance(types, str) else set(types)
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if values is not None:
+        if None in values:
+            out["types"].add("null")
+        values = [v for v in values if v is not None]
+        if not schema.get("type"):
+            out["types"] |= {json_type(v) for v in values}
+        out["enum"] = set(values)
+    if "$ref" in schema:
+        out["ref"] = ref_name(schema)
+    if "items" in schema:
+        out["items"] = shape(schema["items"])
+    if isinstance(schema.get("additionalProperties"), dict):
+        out["additionalProperties"] = shape(schema["additionalProperties"])
+    out.update({k: schema[k] for k in CONSTRAINT_KEYS if k in schema})
+    return out
+
+
+def shape_diff(code: dict[str, Any], spec: dict[str, Any], *, narrowing: bool) -> dict[str, tuple[Any, Any]]:
+    """``{keyword: (code's, contract's)}`` where they differ.
+
+    With ``narrowing`` (schemas the server only sends), the contract may list the values a plain ``str`` field
+    actually takes as an ``enum``, as long as they have the field's type.
+    """
+    code, spec = dict(code), dict(spec)
+    if narrowing and "enum" in spec and "enum" not in code:
+        enum = spec.pop("enum")
+        if not {json_type(v) for v in enum} <= code["types"]:
+            return {"enum": (None, sorted(enum, key=str))}
+    diff: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(code) | set(spec)):
+        a, b = code.get(key), spec.get(key)
+        if key in ("items", "additionalProperties") and a is not None and b is not None:
+            for sub, pair in shape_diff(a, b, narrowing=narrowing).items():
+                diff[f"{key}.{sub}"] = pair
+        elif a != b:
+            diff[key] = (
+                sorted(a, key=str) if isinstance(a, set) else a,
+                sorted(b, key=str) if isinstance(b, set) else b,
+            )
+    return diff
+
+
+def always_sent(struct: type[msgspec.Struct], field: msgspec.structs.FieldInfo) -> bool:
+    """Whether encoding ``struct`` always writes ``field`` (the contract's ``required`` for responses)."""
+    if field.required:
+        return True
+    return field.default is not msgspec.UNSET and not struct.__struct_config__.omit_defaults
+
+
+def validate(value: Any, schema: dict[str, Any], spec: dict[str, Any], where: str = "$") -> list[str]:
+    """What is wrong with ``value`` against a contract ``schema``; objects are closed (undeclared keys are drift)."""
+    if "$ref" in schema:
+        return validate(value, resolve(spec, schema["$ref"]), spec, where)
+    if "oneOf" in schema:
+        disc = schema.get("discriminator")
+        if disc and isinstance(value, dict):
+            key = value.get(disc["propertyName"])
+            target = disc.get("mapping", {}).get(key)
+            if target is None:
+                return [f"{where}.{disc['propertyName']}: {key!r} is none of {sorted(disc.get('mapping', {}))}"]
+            return validate(value, {"$ref": target}, spec, where)
+        results = [validate(value, branch, spec, where) for branch in schema["oneOf"]]
+        if sum(not r for r in results) != 1:
+            return [f"{where}: matches {sum(not r for r in results)} of the oneOf branches, not 1: {results}"]
+        return []
+    errors: list[str] = []
+    types = schema.get("type")
+    if types is not None:
+        allowed = {types} if isinstance(types, str) else set(types)
+        actual = json_type(value)
+        if actual not in allowed and not (actual == "integer" and "number" in allowed):
+            return [f"{where}: {actual} {value!r:.60} where the contract says {sorted(allowed)}"]
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} is not in the contract's enum {schema['enum']}")
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", len(value)):
+            errors.append(f"{where}: length {len(value)} is outside the contract's bounds")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if value < schema.get("minimum", value) or value > schema.get("maximum", value):
+            errors.append(f"{where}: {value} is outside the contract's bounds")
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += validate(item, schema["items"], spec, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        props = schema.get("properties", {})
+        errors += [f"{where}: required key {k!r} is missing" for k in schema.get("required", []) if k not in value]
+        extra = schema.get("additionalProperties")
+        for k, v in value.items():
+            if k in props:
+                errors += validate(v, props[k], spec, f"{where}.{k}")
+            elif isinstance(extra, dict):
+                errors += validate(v, extra, spec, f"{where}.{k}")
+            elif extra is not True:
+                errors.append(f"{where}: key {k!r} is sent but not in the contract")
+    return errors
+
+
+def check_response(spec: dict[str, Any], path: str, method: str, response: Any) -> Any:
+    """Assert the contract declares ``response`` (status, media type, headers) and its JSON body conforms."""
+    op = operation(spec, path, method)
+    status = str(response.status_code)
+    declared = op["responses"].get(status)
+    assert declared is not None, (
+        f"{method} {path} answered {status}, which openapi.yaml does not declare "
+        f"(it has {sorted(op['responses'])}); body: {response.text[:200]}"
+    )
+    if "$ref" in declared:
+        declared = resolve(spec, declared["$ref"])
+    media = response.headers.get("content-type", "").split(";")[0].strip()
+    content = declared.get("content", {})
+    assert media in content, (
+        f"{method} {path} {status} answered {media!r}, but openapi.yaml declares only {sorted(content)}"
+    )
+    headers = {k.lower(): v for k, v in declared.get("headers", {}).items()}
+    for name, header in headers.items():
+        if header.get("required"):
+            assert name in response.headers, f"{method} {path} {status} lacks the required header {name}"
+    if "retry-after" in response.headers:
+        assert "retry-after" in headers, f"{method} {path} {status} sends Retry-After; openapi.yaml does not say so"
+    body = response.json() if media == "application/json" else None
+    if body is not None:
+        errors = validate(body, content[media]["schema"], spec)
+        assert not errors, f"{method} {path} {status} body drifted from openapi.yaml:\n" + "\n".join(errors)
+    return body
+
+
+def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """Parse an SSE body, asserting OpenAI's framing: ``event:`` + ``data:``, no ``id:``, no ``[DONE]``."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if not lines:
+            continue
+        fields: dict[str, list[str]] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            fields.setdefault(name, []).append(value.removeprefix(" "))
+        assert set(fields) == {"event", "data"}, (
+            f"SSE frame has fields {sorted(fields)}, not event + data: {block!r:.200}"
+        )
+        assert len(fields["event"]) == len(fields["data"]) == 1, (
+            f"SSE frame is not one event + one data: {block!r:.200}"
+        )
+        assert fields["data"][0] != "[DONE]", "the stream sends data: [DONE]; the contract says it does not"
+        data = json.loads(fields["data"][0])
+        assert data.get("type") == fields["event"][0], f"event: {fields['event'][0]} carries type {data.get('type')}"
+        events.append((fields["event"][0], data))
+    return events
+
+
+# -- 1. the bundle ------------------------------------------------------------------------------------------------
+
+
+def test_bundle_resolves(spec: dict[str, Any]) -> None:
+    problems = []
+    for where, node in walk(spec):
+        ref = node.get("$ref")
+        targets = [ref] if isinstance(ref, str) else []
+        if where.endswith("/discriminator"):
+            targets += list(node.get("mapping", {}).values())
+        for target in targets:
+            if not target.startswith("#/"):
+                problems.append(f"{where}: external $ref {target!r} left unresolved")
+                continue
+            try:
+                resolved = resolve(spec, target)
+            except (KeyError, IndexError, TypeError):
+                problems.append(f"{where}: $ref {target!r} points at nothing")
+                continue
+            if resolved == {}:
+                problems.append(f"{where}: $ref {target!r} points at an empty schema (a bundling placeholder)")
+    assert not problems, "the bundled contract has broken references:\n" + "\n".join(problems)
+    assert spec["openapi"] == "3.1.0"
+    assert spec["info"]["title"] == "imagegate"
+    secured = [path for path, item in spec["paths"].items() for op in item.values() if "security" in op]
+    assert "security" not in spec and "securitySchemes" not in spec["components"], "no auth is implemented"
+    assert not secured, f"operations that declare security, though no auth is implemented: {secured}"
+
+
+def test_examples_conform(spec: dict[str, Any]) -> None:
+    problems = []
+    for where, node in walk(spec):
+        if "example" in node and "schema" in node:
+            problems += [f"{where}: {e}" for e in validate(node["example"], node["schema"], spec)]
+    assert not problems, "examples in openapi.yaml that do not match their own schema:\n" + "\n".join(problems)
+
+
+# -- 2. routes and operations -------------------------------------------------------------------------------------
+
+
+def test_routes_are_the_contract_paths(app: Litestar, spec: dict[str, Any]) -> None:
+    served = {(path, method) for path, method, _ in handlers(app)}
+    documented = {
+        (path, method.upper()) for path, item in spec["paths"].items() for method in item if method in HTTP_METHODS
+    }
+    missing = sorted(served - documented)
+    stale = sorted(documented - served)
+    assert not missing and not stale, (
+        f"routes the app serves that openapi.yaml lacks: {missing}; "
+        f"operations in openapi.yaml the app does not serve: {stale}"
+    )
+
+
+def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
+    problems = []
+    for path, method, handler in handlers(app):
+        op = operation(spec, path, method)
+        where = f"{method} {path}"
+        if handler.operation_id and op.get("operationId") != handler.operation_id:
+            problems.append(
+                f"{where}: operationId {op.get('operationId')!r} in openapi.yaml, {handler.operation_id!r} in code"
+            )
+
+        # Path and query parameters: the handler's arguments that are neither reserved nor dependencies.
+        dependencies = set(handler.resolve_dependencies())
+        path_params = set(re.findall(r"\{(\w+)\}", path))
+        code_params = {}
+        for name, param in handler.parsed_fn_signature.parameters.items():
+            if name in RESERVED_KWARGS or name in dependencies:
+                continue
+            where_in = "path" if name in path_params else "query"
+            code_params[(where_in, name)] = where_in == "path" or not param.has_default
+        spec_params = {(p["in"], p["name"]): bool(p.get("required")) for p in op.get("parameters", [])}
+        if code_params != spec_params:
+            problems.append(
+                f"{where}: parameters (in, name): required are {spec_params} in openapi.yaml, {code_params} in code"
+            )
+
+        # Request body: the struct behind ``data``.
+        data = handler.parsed_fn_signature.parameters.get("data")
+        body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+        code_body = data.annotation.__name__ if data is not None else None
+        if code_body != ref_name(body):
+            problems.append(f"{where}: request body is {ref_name(body)!r} in openapi.yaml, {code_body!r} in code")
+
+        # 200 body, where the handler declares a struct (``Model`` or ``Response[Readiness]``).
+        returned = handler.parsed_fn_signature.return_type.annotation
+        struct = typing.get_args(returned)[0] if typing.get_origin(returned) is Response else returned
+        if isinstance(struct, type) and issubclass(struct, msgspec.Struct):
+            ok = op["responses"].get("200", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            if ref_name(ok) != struct.__name__:
+                problems.append(f"{where}: 200 body is {ref_name(ok)!r} in openapi.yaml, {struct.__name__!r} in code")
+    assert not problems, "operations drifted:\n" + "\n".join(problems)
+
+
+# -- 3. wire structs ----------------------------------------------------------------------------------------------
+
+
+def test_every_contract_schema_has_a_source(spec: dict[str, Any]) -> None:
+    structs = {s.__name__ for s in WIRE_STRUCTS}
+    documented = set(spec["components"]["schemas"])
+    assert structs - documented == set(), f"wire structs with no schema in the contract: {sorted(structs - documented)}"
+    stale = documented - structs - SCHEMAS_WITHOUT_STRUCT
+    assert not stale, f"contract schemas with no struct behind them: {sorted(stale)}"
+
+
+@pytest.mark.parametrize("struct", WIRE_STRUCTS, ids=lambda s: s.__name__)
+def test_struct_matches_schema(struct: type[msgspec.Struct], spec: dict[str, Any]) -> None:
+    name = struct.__name__
+    schema = spec["components"]["schemas"].get(name)
+    assert schema is not None, f"openapi.yaml has no schema {name} for {struct.__module__}.{name}"
+    assert schema.get("type") == "object", f"{name}: contract type is {schema.get('type')!r}, not object"
+    request = struct in REQUEST_STRUCTS
+    fields = {f.name: f for f in msgspec.structs.fields(struct)}
+    props: dict[str, Any] = schema.get("properties", {})
+
+    missing, extra = sorted(set(fields) - set(props)), sorted(set(props) - set(fields))
+    assert not missing and not extra, (
+        f"{name}: fields in code but not in the contract: {missing}; in the contract but not in code: {extra}"
+    )
+
+    # Requests: a field without a default must be sent. Responses: a field the encoder always writes is required.
+    if request:
+        # The server ignores unknown fields unless the struct forbids them; the contract must say the same.
+        forbids = struct.__struct_config__.forbid_unknown_fields
+        closed = schema.get("additionalProperties") is False
+        assert closed == forbids, (
+            f"{name}: unknown fields are {'rejected' if forbids else 'ignored'} in code, "
+            f"{'rejected' if closed else 'allowed'} by the contract (additionalProperties)"
+        )
+
+    code_required = {n for n, f in fields.items() if (f.required if request else always_sent(struct, f))}
+    spec_required = set(schema.get("required", []))
+    assert code_required == spec_required, (
+        f"{name}: required only in code: {sorted(code_required - spec_required)}; "
+        f"required only in the contract: {sorted(spec_required - code_required)}"
+    )
+
+    (_,), components = msgspec.json.schema_components([struct], ref_template="#/components/schemas/{name}")
+    code_props = components[name]["properties"]
+    problems = []
+    for field, code_schema in code_props.items():
+        diff = shape_diff(shape(code_schema), shape(props[field]), narrowing=not request)
+        problems += [f"{name}.{field}: {key} is {a!r} in code, {b!r} in the contract" for key, (a, b) in diff.items()]
+        if request:
+            # A default the server applies by itself (n=1, stream=false) must be in the contract, and only those.
+            default = code_schema.get("default")
+            if props[field].get("default") != default:
+                problems.append(
+                    f"{name}.{field}: default is {default!r} in code, {props[field].get('default')!r} in the contract"
+                )
+    assert not problems, "\n".join(problems)
+
+
+def test_stream_event_union(spec: dict[str, Any]) -> None:
+    schemas = spec["components"]["schemas"]
+    union = schemas["ImageGenStreamEvent"]
+    members = {ref_name(s) for s in union["oneOf"]}
+    expected = {s.__name__ for s in typing.get_args(protocol.StreamEvent)} | {ErrorEvent.__name__}
+    assert members == expected, f"ImageGenStreamEvent.oneOf is {sorted(members)}; the code streams {sorted(expected)}"
+    mapping = union["discriminator"]["mapping"]
+    assert {target.rsplit("/", 1)[-1] for target in mapping.values()} == expected
+    for event_type, target in mapping.items():
+        enum = resolve(spec, target)["properties"]["type"].get("enum")
+        assert enum == [event_type], f"discriminator maps {event_type!r} to {target}, whose type enum is {enum}"
+    assert ErrorEvent(error=ErrorBody("m", "server_error", None, None)).type in mapping
+
+
+def test_scheduler_names_documented(spec: dict[str, Any]) -> None:
+    text = spec["components"]["schemas"]["ImageGenerateRequest"]["properties"]["scheduler"]["description"]
+    undocumented = [name for name in SCHEDULERS if f"`{name}`" not in text]
+    assert not undocumented, f"scheduler names the code knows but the contract does not list: {undocumented}"
+
+
+# -- 4. the served contract ---------------------------------------------------------------------------------------
+
+
+def test_served_contract_is_the_bundle(app: Litestar) -> None:
+    with TestClient(app) as client:
+        response = client.get("/openapi.yaml")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/yaml")
+    assert yaml.safe_load(response.content) == contract.bundle(), "GET /openapi.yaml differs from contract.bundle()"
+
+
+# -- 5. live answers against the contract -------------------------------------------------------------------------
+
+
+def fake_app(settings: Settings, **fake: Any) -> Litestar:
+    return create_app(settings, backends=[(FakeBackend(**fake), [DEMO_MODEL])])
+
+
+def test_live_answers_conform(settings: Settings, spec: dict[str, Any]) -> None:
+    gen = "/v1/images/generations"
+    with TestClient(fake_app(settings)) as client:
+        check_response(spec, "/health", "GET", client.get("/health"))
+        check_response(spec, "/ready", "GET", client.get("/ready"))
+        check_response(spec, "/v1/models", "GET", client.get("/v1/models"))
+        check_response(spec, "/v1/models/{model_id}", "GET", client.get(f"/v1/models/{DEMO_MODEL}"))
+        check_response(spec, "/v1/models/{model_id}", "GET", client.get("/v1/models/nope"))
+        check_response(spec, "/metrics", "GET", client.get("/metrics"))
+
+        body = check_response(spec, gen, "POST", client.post(gen, json={"prompt": "a cat", "n": 2, "size": "64x64"}))
+        assert len(body["data"]) == 2 and all("b64_json" in d for d in body["data"])
+        response = client.post(gen, json={"prompt": "a cat", "size": "64x64", "not_an_openai_field": 1})
+        assert response.status_code == 200, f"the contract says unknown fields are ignored: {response.text}"
+        body = check_response(
+            spec, gen, "POST", client.post(gen, json={"prompt": "a cat", "size": "64x64", "response_format": "url"})
+        )
+        url = body["data"][0]["url"]
+        check_response(spec, "/files/images/{name}", "GET", client.get(url))
+        check_response(spec, "/files/images/{name}", "GET", client.get(url.split("?")[0]))
+
+        for bad in ({"prompt": ""}, {"prompt": "x", "n": 11}, {"prompt": "x", "background": "transparent"}, {}):
+            response = client.post(gen, json=bad)
+            assert response.status_code == 400, (bad, response.text)
+            check_response(spec, gen, "POST", response)
+        response = client.post(gen, json={"prompt": "x", "model": "nope"})
+        assert response.status_code == 404
+        check_response(spec, gen, "POST", response)
+        response = client.post(
+            gen, content=b"x" * (settings.max_body_size + 1), headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 413
+        check_response(spec, gen, "POST", response)
+
+
+def test_live_stream_conforms(settings: Settings, spec: dict[str, Any]) -> None:
+    gen = "/v1/images/generations"
+    request = {
+        "prompt": "a cat",
+        "n": 2,
+        "size": "64x64",
+        "stream": True,
+        "partial_images": 2,
+        "response_format": "url",
+    }
+    with TestClient(fake_app(settings)) as client:
+        response = client.post(gen, json=request)
+    check_response(spec, gen, "POST", response)
+    events = sse_events(response.text)
+    union = spec["paths"][gen]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    for i, (_, data) in enumerate(events):
+        errors = validate(data, union, spec, f"event[{i}]")
+        assert not errors, "stream event drifted from openapi.yaml:\n" + "\n".join(errors)
+    kinds = [event for event, _ in events]
+    assert kinds.count("image_generation.partial_image") == 4 and kinds.count("image_generation.completed") == 2
+    assert all("b64_json" in data for _, data in events), "streams always carry b64_json"
+
+
+def test_live_stream_error_event_conforms(settings: Settings, spec: dict[str, Any]) -> None:
+    gen = "/v1/images/generations"
+    with TestClient(fake_app(settings, fail="after_partial")) as client:
+        response = client.post(gen, json={"prompt": "a cat", "size": "64x64", "stream": True, "partial_images": 1})
+    check_response(spec, gen, "POST", response)
+    events = sse_events(response.text)
+    assert events and events[-1][0] == "error", f"the failed stream did not end with an error event: {events}"
+    errors = validate(events[-1][1], {"$ref": "#/components/schemas/ImageGenStreamEvent"}, spec, "error event")
+    assert not errors, "\n".join(errors)
+
+
+def test_live_answers_without_workers(app: Litestar, spec: dict[str, Any]) -> None:
+    gen = "/v1/images/generations"
+    with TestClient(app) as client:
+        response = client.get("/ready")
+        assert response.status_code == 503
+        check_response(spec, "/ready", "GET", response)
+        response = client.post(gen, json={"prompt": "a cat"})
+        assert response.status_code == 503 and "retry-after" in response.headers
+        check_response(spec, gen, "POST", response)
+        response = client.post(gen, json={"prompt": "a cat", "stream": True})
+        assert response.status_code == 503, "errors before the stream starts keep their HTTP status"
+        check_response(spec, gen, "POST", response)
