@@ -1,0 +1,211 @@
+"""Loading diffusers pipelines for a worker, and the embedded demo model."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline
+
+from app.config import ModelConfig
+from app.worker.previews import Previewer
+from app.worker.protocol import SCHEDULERS
+
+log = logging.getLogger("imagegate.worker")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(Exception):
+    """A configured model cannot be served; the message says why."""
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    pipe: Any
+    previewer: Previewer
+    call_params: frozenset[str]
+    schedulers: dict[str, Any] = field(default_factory=dict)
+    """Scheduler name -> (class, extra config), checked to work with this pipeline."""
+
+    def make_scheduler(self, name: str | None) -> Any:
+        """A fresh scheduler for one job, so no state is shared between jobs."""
+        base = self.pipe.scheduler
+        if name is None:
+            return type(base).from_config(base.config)
+        cls, extra = self.schedulers[name]
+        return cls.from_config(base.config, **extra)
+
+    def count_tokens(self, prompt: str) -> int:
+        tok = getattr(self.pipe, "tokenizer", None)
+        if tok is None:
+            return len(prompt.split())
+        return len(tok(prompt, truncation=True, max_length=tok.model_max_length)["input_ids"])
+
+
+def _bytes_to_unicode() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def build_demo_pipeline(seed: int = 0) -> DiffusionPipeline:
+    """A tiny Stable-Diffusion-architecture pipeline with random weights (about 9 MB).
+
+    Same components as SD 1.x (CLIP text encoder, conditional UNet, 4-block VAE with 8x downsampling, DDIM), only
+    narrow, so it runs in well under a second per step on a CPU. It draws noise-like pictures, not foxes.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    for s in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[s] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16, 32, 32],
+        norm_num_groups=8,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-5,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def create_demo_model(path: str | Path) -> Path:
+    """Write the demo pipeline to ``path`` with ``save_pretrained`` (atomically: complete or absent)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        build_demo_pipeline().save_pretrained(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not (path / "model_index.json").is_file():  # not another worker that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _check_schedulers(model: ModelConfig, pipe: Any) -> dict[str, Any]:
+    ok: dict[str, Any] = {}
+    problems = []
+    for name in model.schedulers:
+        cls_name, extra = SCHEDULERS[name]
+        try:
+            cls = getattr(diffusers, cls_name)
+            cls.from_config(pipe.scheduler.config, **extra).set_timesteps(4)
+        except Exception as e:  # missing optional dependency, incompatible config, ...
+            problems.append(f"{name} ({cls_name}): {type(e).__name__}: {e}")
+            continue
+        ok[name] = (cls, extra)
+    if problems:
+        raise ModelLoadError(f"model {model.name!r}: unusable scheduler(s): " + "; ".join(problems))
+    return ok
+
+
+def load_model(model: ModelConfig, device: str) -> LoadedModel:
+    """Load ``model`` onto ``device`` through ``from_pretrained`` (creating the demo model first if asked)."""
+    path = Path(model.path).expanduser()
+    if model.demo and not (path / "model_index.json").is_file():
+        log.info("creating demo model %s at %s", model.name, path)
+        create_demo_model(path)
+    source = str(path) if path.exists() else model.path
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=DTYPES[model.dtype])
+    except Exception as e:
+        raise ModelLoadError(f"model {model.name!r}: cannot load {source!r}: {type(e).__name__}: {e}") from e
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    call_params = frozenset(inspect.signature(pipe.__call__).parameters)
+    if not {"callback_on_step_end", "num_inference_steps", "generator"} <= call_params:
+        raise ModelLoadError(f"model {model.name!r}: {type(pipe).__name__} is not a supported text-to-image pipeline")
+    loaded = LoadedModel(
+        config=model,
+        pipe=pipe,
+        previewer=Previewer.for_pipeline(pipe, model.preview, model.preview_downscale, model.taesd_path),
+        call_params=call_params,
+        schedulers=_check_schedulers(model, pipe),
+    )
+    log.info("loaded %s (%s, %s) on %s", model.name, type(pipe).__name__, model.dtype, device)
+    return loaded
+
+
+def quiet_libraries() -> None:
+    """Silence progress bars and load reports of the model libraries (set before they are used)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()

@@ -1,0 +1,154 @@
+"""Partial images: decode the *predicted clean image* (x0) of a denoising step cheaply.
+
+Raw latents mid-way through denoising look like noise; the x0 the scheduler predicts at that step looks like a
+blurry version of the final picture, which is what a partial image should show. Decoders, cheapest first:
+
+- ``linear``: a fixed latent->RGB matrix for known SD latent spaces (SD 1.x/2.x, SDXL); about a millisecond.
+- ``taesd``: a tiny autoencoder (AutoencoderTiny) configured by path.
+- ``vae``: the pipeline's own VAE on latents average-pooled by ``preview_downscale`` (4x fewer pixels at 2).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+log = logging.getLogger("imagegate.worker")
+
+# Latent -> RGB (approximately in [-1, 1]) for the SD latent spaces, as popularised by ComfyUI's previews.
+_LINEAR = {
+    0.18215: (  # SD 1.x / 2.x
+        [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+        [0.0, 0.0, 0.0],
+    ),
+    0.13025: (  # SDXL
+        [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+        [0.1084, -0.0175, -0.0011],
+    ),
+}
+
+
+def encode_image(image: Image.Image, output_format: str, compression: int | None, *, fast: bool = False) -> bytes:
+    """Encode ``image`` as png, jpeg or webp; ``compression`` is OpenAI's output_compression (0-100)."""
+    buf = io.BytesIO()
+    if output_format == "png":
+        image.save(buf, format="PNG", compress_level=1 if fast else 6)
+    else:
+        quality = 100 if compression is None else compression
+        if fast:
+            quality = min(quality, 85)
+        image.save(buf, format="JPEG" if output_format == "jpeg" else "WEBP", quality=quality)
+    return buf.getvalue()
+
+
+def predicted_x0(scheduler: Any, step_output: Any, model_output: Any, timestep: Any, sample: Any) -> Any:
+    """The scheduler's estimate of the clean latents at this step, or None when it cannot be known."""
+    if isinstance(step_output, tuple):
+        if len(step_output) > 1 and isinstance(step_output[1], torch.Tensor) and step_output[1].shape == sample.shape:
+            return step_output[1]
+    else:
+        pred = getattr(step_output, "pred_original_sample", None)
+        if pred is not None:
+            return pred
+    config = scheduler.config
+    if "FlowMatch" in type(scheduler).__name__ and getattr(scheduler, "sigmas", None) is not None:
+        index = scheduler.step_index - 1 if scheduler.step_index is not None else 0  # step() already advanced it
+        return sample - scheduler.sigmas[index].to(sample) * model_output
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None or float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
+        return None
+    a = alphas[int(timestep)].to(device=sample.device, dtype=sample.dtype)
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction == "epsilon":
+        return (sample - (1 - a).sqrt() * model_output) / a.sqrt()
+    if prediction == "v_prediction":
+        return a.sqrt() * sample - (1 - a).sqrt() * model_output
+    if prediction == "sample":
+        return model_output
+    return None
+
+
+class X0Tracker:
+    """Wraps a job's scheduler so the predicted x0 of the latest step is at hand when a preview is due."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.latest: Any = None
+        self.wanted = False
+        original = scheduler.step
+
+        def step(model_output, timestep, sample, *args, **kwargs):
+            out = original(model_output, timestep, sample, *args, **kwargs)
+            if self.wanted:
+                self.latest = predicted_x0(scheduler, out, model_output, timestep, sample)
+            return out
+
+        scheduler.step = step
+
+
+class Previewer:
+    """Turns a batch of x0 latents into encoded partial images."""
+
+    def __init__(self, pipe: Any, mode: str, downscale: int = 2, taesd: Any = None) -> None:
+        self.pipe = pipe
+        self.mode = mode
+        self.downscale = downscale
+        self.taesd = taesd
+        if mode == "linear":
+            factors, bias = _LINEAR[_latent_space(pipe)]  # type: ignore[index]
+            self._matrix = torch.tensor(factors)
+            self._bias = torch.tensor(bias)
+
+    @classmethod
+    def for_pipeline(cls, pipe: Any, mode: str, downscale: int, taesd_path: str) -> Previewer:
+        if mode == "auto":
+            mode = "linear" if _latent_space(pipe) is not None else "vae"
+        taesd = None
+        if mode == "taesd":
+            from diffusers import AutoencoderTiny
+
+            taesd = AutoencoderTiny.from_pretrained(taesd_path, dtype=pipe.vae.dtype).to(pipe.vae.device)
+        if mode == "linear" and _latent_space(pipe) is None:
+            raise ValueError("preview = linear needs an SD 1.x/2.x or SDXL latent space; use vae or taesd")
+        return cls(pipe, mode, downscale, taesd)
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+        """Decode x0 ``latents`` into one picture per image, at the requested size.
+
+        Encoding is left to the caller, so it can happen off the denoising thread.
+        """
+        if latents.ndim == 3 and hasattr(self.pipe, "_unpack_latents"):  # packed (Flux-style) latents
+            latents = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
+        if self.mode == "linear":
+            rgb = torch.einsum("bchw,cr->bhwr", latents.float().cpu(), self._matrix) + self._bias
+            arrays = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().numpy()
+            images = [Image.fromarray(a) for a in arrays]
+        else:
+            if self.mode == "taesd":
+                decoded = self.taesd.decode(latents.to(self.taesd.dtype), return_dict=False)[0]
+            else:
+                vae = self.pipe.vae
+                lat = latents
+                if self.downscale > 1 and min(lat.shape[-2:]) >= 2 * self.downscale:
+                    lat = F.avg_pool2d(lat, self.downscale)
+                lat = lat / vae.config.scaling_factor
+                if getattr(vae.config, "shift_factor", None):
+                    lat = lat + vae.config.shift_factor
+                decoded = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
+            images = self.pipe.image_processor.postprocess(decoded, output_type="pil")
+        return [
+            im if im.size == (width, height) else im.resize((width, height), Image.Resampling.BILINEAR) for im in images
+        ]
+
+
+def _latent_space(pipe: Any) -> float | None:
+    vae = getattr(pipe, "vae", None)
+    if vae is None or getattr(vae.config, "latent_channels", None) != 4:
+        return None
+    sf = round(float(vae.config.scaling_factor), 5)
+    return sf if sf in _LINEAR else None

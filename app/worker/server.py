@@ -1,0 +1,111 @@
+"""The worker's small HTTP app (aiohttp): ``GET /health`` and ``POST /v1/generate`` (see :mod:`.protocol`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+from pathlib import Path
+
+import msgspec
+from aiohttp import web
+
+from app.config import ModelConfig
+from app.worker.engine import Engine
+from app.worker.protocol import CONTENT_TYPE, TOKEN_HEADER, Done, Failed, decode_params, encode_frame
+
+log = logging.getLogger("imagegate.worker")
+
+ENGINE = web.AppKey("engine", Engine)
+TOKEN = web.AppKey("token", str)
+
+
+async def health(request: web.Request) -> web.Response:
+    info = request.app[ENGINE].health()
+    return web.Response(body=msgspec.json.encode(info), content_type="application/json")
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    token = request.app[TOKEN]
+    if token and not hmac.compare_digest(request.headers.get(TOKEN_HEADER, "").encode(), token.encode()):
+        return web.Response(status=401, text="bad worker token")
+    try:
+        params = decode_params(await request.read())
+    except msgspec.DecodeError as e:
+        return web.Response(status=400, text=f"malformed job: {e}")
+    job = request.app[ENGINE].submit(params)
+    response = web.StreamResponse(headers={"content-type": CONTENT_TYPE})
+    await response.prepare(request)
+    finished = False
+    try:
+        while not finished:
+            event = await job.events.get()
+            finished = isinstance(event, Done | Failed)
+            await response.write(encode_frame(event))
+    finally:
+        if not finished:  # the gateway hung up (or we are shutting down): stop the job at its next step
+            job.cancel()
+    return response
+
+
+def build_app(engine: Engine, token: str = "") -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[ENGINE] = engine
+    app[TOKEN] = token
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/generate", generate)
+    return app
+
+
+async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(1.0)
+    log.warning("the gateway (pid %d) is gone; stopping", parent_pid)
+    stop.set()
+
+
+async def serve(
+    device: str, listen: str, models: list[ModelConfig], *, token: str = "", parent_pid: int | None = None
+) -> int:
+    """Listen on ``listen`` at once (health answers ``loading``), load the models, serve until stopped."""
+    engine = Engine(device, models)
+    runner = web.AppRunner(build_app(engine, token), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    if listen.startswith("unix:"):
+        path = Path(listen[5:])
+        path.unlink(missing_ok=True)
+        site: web.BaseSite = web.UnixSite(runner, str(path))
+        await site.start()
+        path.chmod(0o600)
+    else:
+        host, _, port = listen.removeprefix("tcp://").rpartition(":")
+        site = web.TCPSite(runner, host or "0.0.0.0", int(port))
+        await site.start()
+    log.info("worker for %s on %s listening on %s", ", ".join(m.name for m in models), device, listen)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
+    code = 0
+    try:
+        loading = asyncio.create_task(engine.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if loading.done() and loading.exception() is not None:
+            engine.status, engine.error = "failed", str(loading.exception())
+            log.error("cannot start: %s", engine.error)
+            code = 3
+        else:
+            await stopped
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await engine.stop()
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+    return code
