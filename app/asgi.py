@@ -25,6 +25,7 @@ from app.config import Settings
 from app.contract import bundled_yaml
 from app.pool import Pool
 from app.pool import State as BackendState
+from app.pool.remote import RemoteWorkers
 from app.pool.supervisor import Supervisor
 from app.services.images import ImageService
 from app.store.files import ImageFiles, load_or_create_secret
@@ -49,10 +50,13 @@ def create_app(settings: Settings, *, backends: Sequence[tuple[Backend, Sequence
         files = ImageFiles(data_dir / "images", secret, settings.url_ttl)
         pool = Pool(settings.resolved_models())
         supervisor: Supervisor | None = None
+        remote: RemoteWorkers | None = None
         runtime_dir = Path(tempfile.mkdtemp(prefix="imagegate-"))
         if backends is None:
             supervisor = Supervisor(settings, pool, runtime_dir)
             await supervisor.start()
+            remote = RemoteWorkers(settings, pool)
+            await remote.start()
         else:
             for backend, models in backends:
                 pool.add(backend, models, state=BackendState.READY)
@@ -62,7 +66,8 @@ def create_app(settings: Settings, *, backends: Sequence[tuple[Backend, Sequence
             yield
         finally:
             sweeper.cancel()
-            if supervisor is not None:
+            if supervisor is not None and remote is not None:
+                await remote.stop()
                 await supervisor.stop()
             else:
                 for member in pool.members:

@@ -44,6 +44,10 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     devices: Annotated[list[str], _doc("Devices that run this model, one local worker each: cpu, cuda:0, ...")] = (
         msgspec.field(default_factory=lambda: ["cpu"])
     )
+    remote_workers: Annotated[
+        list[str],
+        _doc("Addresses (host:port) of `imagegate worker` processes on other hosts that serve this model."),
+    ] = msgspec.field(default_factory=list)
     dtype: Annotated[Literal["float32", "float16", "bfloat16"], _doc("Weights dtype on the device.")] = "float32"
     default_size: Annotated[str, _doc("Size used for `size: auto` or no size, as WxH.")] = "512x512"
     min_side: Annotated[int, _doc("Smallest accepted width or height, in pixels.")] = 64
@@ -231,8 +235,8 @@ def validate(settings: Settings) -> None:
         seen.add(m.name)
         if not m.path:
             raise ConfigError(f"{where}: `path` is required")
-        if not m.devices:
-            raise ConfigError(f"{where}: `devices` is empty")
+        if not m.devices and not m.remote_workers:
+            raise ConfigError(f"{where}: name at least one local device or remote worker")
         for d in m.devices:
             if not _DEVICE.fullmatch(d):
                 raise ConfigError(f"{where}: unknown device {d!r} (cpu, cuda:N, mps, xpu:N)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -56,10 +57,21 @@ class Supervisor:
         return devices
 
     async def start(self) -> None:
+        layout = self._layout()
+        if layout and importlib.util.find_spec("torch") is None:
+            for device, models in layout.items():
+                member = self.pool.add(WorkerBackend(f"local-{device.replace(':', '')}", "unix:/nonexistent"), models)
+                self.pool.set_state(member, State.DOWN, "the worker extra is not installed")
+            log.error(
+                "models %s name local devices, but torch and diffusers are not installed here: install "
+                "imagegate[worker], or serve them from remote_workers",
+                ", ".join(sorted({m for ms in layout.values() for m in ms})),
+            )
+            return
         self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._settings_file.write_bytes(msgspec.json.encode(self.settings))
         self._settings_file.chmod(0o600)
-        for i, (device, models) in enumerate(self._layout().items()):
+        for i, (device, models) in enumerate(layout.items()):
             sock = self.runtime_dir / f"w{i}.sock"
             name = f"local-{device.replace(':', '')}"
             backend = WorkerBackend(name, f"unix:{sock}", connect_timeout=5.0)

@@ -196,7 +196,18 @@ def test_good_devices(tmp_path, device):
 
 
 def test_empty_devices(tmp_path):
-    assert "`devices` is empty" in _model_error(tmp_path, devices=[])
+    assert "at least one local device or remote worker" in _model_error(tmp_path, devices=[])
+
+
+def test_remote_workers_alone_are_enough(tmp_path):
+    s = load_settings(
+        environ={},
+        overrides={
+            "data_dir": str(tmp_path),
+            "models": [{"name": "m", "path": "/p", "devices": [], "remote_workers": ["gpu1:9000"]}],
+        },
+    )
+    assert s.models[0].remote_workers == ["gpu1:9000"] and s.models[0].devices == []
 
 
 def test_missing_path(tmp_path):
