@@ -19,6 +19,9 @@ log = logging.getLogger("imagegate.sse")
 
 _encode = msgspec.json.Encoder().encode
 
+SEND_TIMEOUT = 60.0
+"""A client that reads nothing for this long is treated as gone, and its job is stopped."""
+
 
 def frame(event_type: str, payload: msgspec.Struct) -> bytes:
     return b"event: " + event_type.encode() + b"\ndata: " + _encode(payload) + b"\n\n"
@@ -43,7 +46,9 @@ def event_stream(events: EventStream, ping_interval: float) -> ASGIApp:
             log.exception("stream failed")
             yield _error_frame(ApiError("The server had an error while processing your request."))
 
-    response = EventSourceResponse(frames(), ping=ping_interval, sep="\n", headers={"cache-control": "no-cache"})
+    response = EventSourceResponse(
+        frames(), ping=ping_interval, sep="\n", send_timeout=SEND_TIMEOUT, headers={"cache-control": "no-cache"}
+    )
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -91,10 +91,13 @@ class Supervisor:
         while not self._stopping:
             w.socket_path.unlink(missing_ok=True)
             log.info("starting worker %s on %s for %s", w.member.name, w.device, ", ".join(w.models))
-            w.process = await asyncio.create_subprocess_exec(*self._command(w), start_new_session=True)
             started = time.monotonic()
-            await self._wait_ready(w)
-            code = await w.process.wait()
+            try:
+                w.process = await asyncio.create_subprocess_exec(*self._command(w), start_new_session=True)
+                await self._wait_ready(w)
+                code: int | str = await w.process.wait()
+            except OSError as e:
+                code = f"a failed start ({e})"
             self.pool.set_state(w.member, State.DOWN, f"exited with {code}")
             if self._stopping:
                 return

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -143,6 +146,18 @@ def test_disconnect_cancels_the_work(server, sdk):
         time.sleep(0.05)
 
 
+def test_disconnect_cancels_a_non_streamed_request(server, sdk):
+    cancelled_before = metric(server, "imagegate_images_total", model=MODEL, outcome="cancelled")
+    body = {"model": MODEL, "prompt": "a long job", "size": "256x256", "num_inference_steps": 100}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=httpx.Timeout(5, read=1.5))
+    start = time.monotonic()
+    sdk.images.generate(model=MODEL, prompt="next", size="64x64", extra_body={"num_inference_steps": 2})
+    waited = time.monotonic() - start
+    assert waited < 2.5, f"the next request waited {waited:.1f}s: the abandoned job kept the worker busy"
+    assert metric(server, "imagegate_images_total", model=MODEL, outcome="cancelled") == cancelled_before + 1
+
+
 def test_worker_restart_and_clean_shutdown(tmp_path):
     srv = Server(tmp_path)
     try:
@@ -165,3 +180,16 @@ def test_worker_restart_and_clean_shutdown(tmp_path):
     assert srv.proc.returncode in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in srv.log.read_text()
     assert not alive(restarted), "the worker outlived the gateway"
+
+
+def test_demo_model_command_writes_a_loadable_pipeline(tmp_path):
+    target = tmp_path / "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "demo-model", str(target)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    index = json.loads((target / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for part in ("unet", "vae", "text_encoder"):
+        assert list((target / part).glob("*.safetensors")), part
+    assert (target / "tokenizer" / "tokenizer.json").is_file()

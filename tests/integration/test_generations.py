@@ -208,3 +208,14 @@ def test_gateway_never_imports_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_keep_alive_comments_while_waiting(tmp_path):
+    slow = FakeBackend(step_delay=0.05)
+    with make_client(tmp_path, [(slow, [DEMO_MODEL])], sse_ping_interval=0.02) as tc:
+        body = {"prompt": "p", "size": "64x64", "stream": True, "num_inference_steps": 10}
+        with tc.stream("POST", "/v1/images/generations", json=body) as r:
+            text = r.read().decode()
+    assert text.startswith(": ping")
+    assert "event: image_generation.completed" in text
+    assert "id:" not in text
