@@ -14,7 +14,16 @@ from dataclasses import dataclass
 
 from app import metrics
 from app.config import ModelConfig, Settings
-from app.errors import ApiError, DeadlineExceeded, InvalidRequest, NotFound, Overloaded, Unavailable, from_worker
+from app.errors import (
+    ApiError,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    Unavailable,
+    from_worker,
+)
 from app.pool import Lease, Pool
 from app.protocol.images import (
     ImageData,
@@ -224,7 +233,7 @@ class ImageService:
                     if lease.started_at is not None:
                         metrics.GENERATION_SECONDS.labels(model).observe(time.monotonic() - lease.started_at)
                     return
-        except (asyncio.CancelledError, GeneratorExit):
+        except (asyncio.CancelledError, GeneratorExit, Cancelled):
             outcome = "cancelled"
             raise
         except ApiError as e:
