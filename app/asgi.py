@@ -18,7 +18,7 @@ from litestar.plugins.prometheus import PrometheusController
 
 from app import metrics
 from app.api.errors import EXCEPTION_HANDLERS
-from app.api.images import ImagesController
+from app.api.images import ImagesController, UploadsController
 from app.api.system import SystemController
 from app.backends.base import Backend
 from app.config import Settings
@@ -83,8 +83,9 @@ def create_app(settings: Settings, *, backends: Sequence[tuple[Backend, Sequence
 
         return Provide(provide, sync_to_thread=False)
 
+    uploads = type("UploadsController", (UploadsController,), {"request_max_body_size": settings.max_upload_size})
     return Litestar(
-        route_handlers=[ImagesController, SystemController, PrometheusController],
+        route_handlers=[ImagesController, uploads, SystemController, PrometheusController],
         lifespan=[lifespan],
         state=State({"settings": settings}),
         dependencies={
@@ -93,6 +94,7 @@ def create_app(settings: Settings, *, backends: Sequence[tuple[Backend, Sequence
             "files": from_state("files"),
             "started_at": Provide(lambda: started_at, sync_to_thread=False),
             "contract": Provide(lambda: contract, sync_to_thread=False),
+            "settings": Provide(lambda: settings, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         middleware=[metrics.http.middleware],

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from app.config import ConfigError, Settings, field_docs, load_settings, scalar_fields
+from app.config import ConfigError, Settings, field_docs, list_fields, load_settings, scalar_fields
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -19,6 +19,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _settings(config: str | None, overrides: dict[str, Any]) -> Settings:
+    overrides = {k: (list(v) or None) if isinstance(v, tuple) else v for k, v in overrides.items()}
     try:
         return load_settings(config, overrides=overrides)
     except ConfigError as e:
@@ -26,8 +27,14 @@ def _settings(config: str | None, overrides: dict[str, Any]) -> Settings:
 
 
 def settings_options(func):
-    """One option per scalar Settings field: ``data_dir`` -> ``--data-dir``, documented from the field."""
+    """One option per Settings field but ``models``: ``data_dir`` -> ``--data-dir``, documented from the field.
+
+    List fields take the flag once per item.
+    """
     docs = field_docs(Settings)
+    for name in reversed(list_fields()):
+        flag = f"--{name.replace('_', '-')}"
+        func = click.option(flag, name, multiple=True, help=f"{docs.get(name)} Repeat for more.")(func)
     for name, typ in reversed(scalar_fields().items()):
         func = click.option(f"--{name.replace('_', '-')}", name, type=typ, default=None, help=docs.get(name))(func)
     return func

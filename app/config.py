@@ -75,6 +75,20 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = 2
     taesd_path: Annotated[str, _doc("Directory of an AutoencoderTiny (TAESD) for preview = taesd.")] = ""
     max_queue: Annotated[int, _doc("Requests that may wait for a worker; past this the answer is 429.")] = 64
+    edit_strength: Annotated[
+        float, _doc("How much an edit without a mask redraws the image (0-1), when the request names no strength.")
+    ] = 0.75
+    edit_strength_high_fidelity: Annotated[
+        float, _doc("The same, for requests with input_fidelity = high: stay closer to the input.")
+    ] = 0.5
+    variation_strength: Annotated[float, _doc("How much a variation redraws its image (0-1).")] = 0.6
+    segmentation_model: Annotated[
+        str,
+        _doc("Directory of a transformers image-segmentation model; enables edits with type = background_removal."),
+    ] = ""
+    background_labels: Annotated[
+        list[str], _doc("Segmentation labels that count as background for background_removal.")
+    ] = msgspec.field(default_factory=lambda: ["background"])
 
     def size_limits_text(self) -> str:
         return f"{self.min_side}-{self.max_side} px, multiples of {self.size_multiple}"
@@ -126,7 +140,19 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     worker_start_timeout: Annotated[float, _doc("Seconds a local worker may take to load its models.")] = 600.0
     worker_restart_max_backoff: Annotated[float, _doc("Longest wait before restarting a crashed worker.")] = 30.0
     worker_token: Annotated[str, _doc("Shared secret between gateway and workers on TCP.")] = ""
-    max_body_size: Annotated[int, _doc("Largest accepted request body in bytes.")] = 10_000_000
+    max_body_size: Annotated[int, _doc("Largest accepted JSON request body in bytes (413 above).")] = 10_000_000
+    max_upload_size: Annotated[
+        int, _doc("Largest accepted edit or variation body in bytes (413 before reading past it).")
+    ] = 16 * 50_000_000 + 1_000_000
+    max_images: Annotated[int, _doc("Most input images one edit may carry.")] = 16
+    max_image_bytes: Annotated[int, _doc("Largest accepted input image file in bytes.")] = 50_000_000
+    max_image_pixels: Annotated[
+        int, _doc("Largest accepted input image in pixels (width x height), checked before decoding it.")
+    ] = 50_000_000
+    image_url_allowlist: Annotated[
+        list[str], _doc("Hosts from which edits may fetch http(s) image URLs; empty: none (only data: URLs).")
+    ] = msgspec.field(default_factory=list)
+    image_url_timeout: Annotated[float, _doc("Seconds allowed to fetch one image URL.")] = 10.0
     log_level: Annotated[Literal["debug", "info", "warning", "error"], _doc("Log verbosity.")] = "info"
 
     def resolved_models(self) -> list[ModelConfig]:
@@ -159,6 +185,17 @@ def scalar_fields() -> dict[str, type]:
             out[f.name] = int
         elif isinstance(base, msgspec.inspect.FloatType):
             out[f.name] = float
+    return out
+
+
+def list_fields() -> list[str]:
+    """Settings fields that are lists of strings: a repeatable flag each (``--image-url-allowlist a --...``)."""
+    info = msgspec.inspect.type_info(Settings)
+    out = []
+    for f in info.fields:  # type: ignore[attr-defined]
+        t = f.type.type if isinstance(f.type, msgspec.inspect.Metadata) else f.type
+        if isinstance(t, msgspec.inspect.ListType) and isinstance(t.item_type, msgspec.inspect.StrType):
+            out.append(f.name)
     return out
 
 
@@ -263,6 +300,9 @@ def validate(settings: Settings) -> None:
             m.schedulers = [*m.schedulers, m.default_scheduler]
         if m.preview == "taesd" and not m.taesd_path:
             raise ConfigError(f"{where}: preview = taesd needs taesd_path")
+        for name in ("edit_strength", "edit_strength_high_fidelity", "variation_strength"):
+            if not 0 < getattr(m, name) <= 1:
+                raise ConfigError(f"{where}: {name} must be in (0, 1]")
         if m.preview_downscale < 1:
             raise ConfigError(f"{where}: preview_downscale must be >= 1")
         bad_q = set(m.quality_steps) - {"low", "medium", "high"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -55,5 +56,6 @@ def bundle(root: Path | None = None) -> dict[str, Any]:
     return bundled
 
 
+@functools.cache
 def bundled_yaml() -> bytes:
     return yaml.safe_dump(bundle(), sort_keys=False, allow_unicode=True).encode()

@@ -27,23 +27,24 @@ def error_response(error: ApiError) -> Response[bytes]:
     )
 
 
+def invalid_value(message: str, param: str | None) -> InvalidRequest:
+    """An InvalidRequest from a msgspec validation message, naming the field (from ``param`` or the message)."""
+    if param in (None, "data", "body") and (m := _AT_PATH.search(message)):
+        param = m.group(1)
+    if m := _MISSING_FIELD.search(message):
+        param = m.group(1)
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    if param and param not in ("data", "body"):
+        return InvalidRequest(f"Invalid value for '{param}': {_AT_PATH.sub('', message)}", param=param)
+    return InvalidRequest(message)
+
+
 def _from_validation(exc: ValidationException) -> ApiError:
     extra = exc.extra if isinstance(exc.extra, list) and exc.extra else None
     if extra is None or not isinstance(extra[0], dict):
         return InvalidRequest(exc.detail or "Invalid request body.")
     first = extra[0]
-    message = str(first.get("message", exc.detail))
-    param = first.get("key")
-    if param in (None, "data", "body") and (m := _AT_PATH.search(message)):
-        param = m.group(1)
-    if m := _MISSING_FIELD.search(message):
-        param = m.group(1)
-        message = f"Missing required parameter: '{param}'."
-    elif param and param not in ("data", "body"):
-        message = f"Invalid value for '{param}': {_AT_PATH.sub('', message)}"
-    else:
-        param = None
-    return InvalidRequest(message, param=param)
+    return invalid_value(str(first.get("message", exc.detail)), first.get("key"))
 
 
 def _from_http(exc: HTTPException) -> ApiError:

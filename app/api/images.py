@@ -6,9 +6,10 @@ import msgspec
 from litestar import Controller, MediaType, Request, Response, post
 from litestar.types import ASGIApp
 
-from app.api import sse
+from app.api import sse, uploads
 from app.api.disconnect import unless_disconnected
-from app.protocol.images import ImageGenerateRequest
+from app.config import Settings
+from app.protocol.images import ImageGenerateRequest, ImagesResponse
 from app.services.images import ImageService
 
 _encode = msgspec.json.Encoder().encode
@@ -18,12 +19,39 @@ def base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
+def _json(result: ImagesResponse) -> ASGIApp:
+    return Response(_encode(result), media_type=MediaType.JSON)  # type: ignore[return-value]
+
+
 class ImagesController(Controller):
     path = "/v1/images"
 
     @post("/generations", status_code=200, operation_id="imageGeneration")
-    async def generations(self, request: Request, data: ImageGenerateRequest, images: ImageService) -> ASGIApp:
+    async def generations(
+        self, request: Request, data: ImageGenerateRequest, images: ImageService, settings: Settings
+    ) -> ASGIApp:
         if data.stream:
-            return sse.event_stream(images.stream(data), request.app.state.settings.sse_ping_interval)
-        result = await unless_disconnected(request, images.generate(data, base_url(request)))
-        return Response(_encode(result), media_type=MediaType.JSON)  # type: ignore[return-value]
+            return sse.event_stream(images.stream(data), settings.sse_ping_interval)
+        return _json(await unless_disconnected(request, images.generate(data, base_url(request))))
+
+
+class UploadsController(Controller):
+    """Edits and variations; ``create_app`` sets their body limit from ``max_upload_size``."""
+
+    path = "/v1/images"
+
+    @post("/edits", status_code=200, operation_id="imageEdit")
+    async def edits(self, request: Request, images: ImageService, settings: Settings) -> ASGIApp:
+        edit = await uploads.read_edit(request, settings)
+        if edit.fields.stream:
+            return sse.event_stream(images.edit_stream(edit.fields, edit.images, edit.mask), settings.sse_ping_interval)
+        return _json(
+            await unless_disconnected(request, images.edit(edit.fields, edit.images, edit.mask, base_url(request)))
+        )
+
+    @post("/variations", status_code=200, operation_id="imageVariation")
+    async def variations(self, request: Request, images: ImageService, settings: Settings) -> ASGIApp:
+        upload = await uploads.read_variation(request, settings)
+        return _json(
+            await unless_disconnected(request, images.variation(upload.fields, upload.images, base_url(request)))
+        )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import BinaryIO
 
 from PIL import Image as PILImage
 
@@ -56,10 +57,17 @@ class FakeBackend:
         self.cancelled = 0
         self.completed = 0
         self.last_params: GenerationParams | None = None
+        self.last_attachments: list[bytes] = []
 
-    async def generate(self, params: GenerationParams) -> AsyncIterator[WorkerEvent]:
+    async def generate(
+        self, params: GenerationParams, attachments: Sequence[BinaryIO] = ()
+    ) -> AsyncIterator[WorkerEvent]:
         self.started += 1
         self.last_params = params
+        self.last_attachments = []
+        for f in attachments:
+            f.seek(0)
+            self.last_attachments.append(f.read())
         if self.fail == "before":
             raise BackendFailed(f"worker {self.name} is unreachable: fake failure")
         if self.fail == "invalid":

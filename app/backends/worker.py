@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import BinaryIO
 
 import aiohttp
 import msgspec
@@ -34,6 +35,18 @@ def parse_address(address: str) -> tuple[str | None, str]:
     return None, f"http://{address}"
 
 
+CHUNK = 1 << 20
+
+
+async def _stream_body(head: bytes, attachments: Sequence[BinaryIO]) -> AsyncIterator[bytes]:
+    """The job's params, then each attachment in 1 MiB chunks: uploads never sit whole in the gateway's memory."""
+    yield head
+    for f in attachments:
+        f.seek(0)
+        while chunk := await asyncio.to_thread(f.read, CHUNK):
+            yield chunk
+
+
 class WorkerBackend:
     """Runs jobs on an imagegate worker through its HTTP protocol (see :mod:`app.worker.protocol`)."""
 
@@ -59,10 +72,14 @@ class WorkerBackend:
             )
         return self._session
 
-    async def generate(self, params: GenerationParams) -> AsyncIterator[WorkerEvent]:
+    async def generate(
+        self, params: GenerationParams, attachments: Sequence[BinaryIO] = ()
+    ) -> AsyncIterator[WorkerEvent]:
+        head = encode_params(params)
+        body = _stream_body(head, attachments) if attachments else head
         try:
             resp = await self._client().post(
-                f"{self._base}/v1/generate", data=encode_params(params), headers={"content-type": CONTENT_TYPE}
+                f"{self._base}/v1/generate", data=body, headers={"content-type": CONTENT_TYPE}
             )
         except (aiohttp.ClientError, OSError) as e:
             raise BackendFailed(f"worker {self.name} is unreachable: {e}") from None

@@ -32,6 +32,12 @@ class Member:
     outstanding: int = 0
     outstanding_work: float = 0.0
     detail: str = ""
+    tasks: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Model -> tasks the backend reported it can run; a model missing here is assumed to support every task."""
+
+    def can(self, model: str, task: str) -> bool:
+        known = self.tasks.get(model)
+        return known is None or task in known
 
     @property
     def name(self) -> str:
@@ -108,17 +114,26 @@ class Pool:
         for model in member.models:
             metrics.WORKERS_UP.labels(model).set(len(self.ready(model)))
 
-    def ready(self, model: str) -> list[Member]:
-        return [m for m in self.members if m.state is State.READY and model in m.models]
+    def ready(self, model: str, task: str | None = None) -> list[Member]:
+        return [
+            m
+            for m in self.members
+            if m.state is State.READY and model in m.models and (task is None or m.can(model, task))
+        ]
 
-    def acquire(self, model: str, work: float) -> Lease:
-        """Admit a request for ``model`` and pick its backend.
+    def supports(self, model: str, task: str) -> bool | None:
+        """Whether a ready backend can run ``task`` for ``model``; None when none is ready to ask."""
+        ready = self.ready(model)
+        return None if not ready else any(m.can(model, task) for m in ready)
+
+    def acquire(self, model: str, work: float, task: str = "text2img") -> Lease:
+        """Admit a request for ``model`` and pick a backend that can run ``task``.
 
         Raises:
             Unavailable: no backend for the model is ready.
             Overloaded: the model's queue is full.
         """
-        ready = self.ready(model)
+        ready = self.ready(model, task)
         if not ready:
             raise Unavailable(f"No worker is ready for model '{model}' yet; try again shortly.", retry_after=5)
         config = self.models[model]

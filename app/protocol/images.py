@@ -40,6 +40,60 @@ class ImageGenerateRequest(msgspec.Struct, kw_only=True):
     scheduler: str | None = None
 
 
+class ImageEditRequest(msgspec.Struct, kw_only=True):
+    """The fields of ``POST /v1/images/edits`` besides the files; multipart sends every one as a string."""
+
+    prompt: Annotated[str, Meta(max_length=32000)] | None = None
+    model: str | None = None
+    type: Literal["inpainting", "outpainting", "background_removal"] | None = None
+    n: Annotated[int, Meta(ge=1, le=10)] = 1
+    size: str | None = None
+    quality: Quality | None = None
+    response_format: ResponseFormat | None = None
+    output_format: OutputFormat | None = None
+    output_compression: Annotated[int, Meta(ge=0, le=100)] | None = None
+    background: Background | None = None
+    input_fidelity: Literal["low", "high"] | None = None
+    user: str | None = None
+    stream: bool | None = False
+    partial_images: Annotated[int, Meta(ge=0, le=3)] | None = None
+    # Diffusion extensions.
+    negative_prompt: str | None = None
+    seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
+    num_inference_steps: Annotated[int, Meta(ge=1)] | None = None
+    guidance_scale: Annotated[float, Meta(ge=0)] | None = None
+    scheduler: str | None = None
+    strength: Annotated[float, Meta(gt=0, le=1)] | None = None
+
+
+class ImageRef(msgspec.Struct, kw_only=True):
+    """An input image of the JSON edit form: a ``data:`` or allowed http(s) URL (``file_id`` is not supported)."""
+
+    image_url: str | None = None
+    file_id: str | None = None
+
+
+class ImageEditJsonRequest(ImageEditRequest, kw_only=True):
+    """``POST /v1/images/edits`` as JSON (OpenAI's newer form): the images come as URLs."""
+
+    images: Annotated[list[ImageRef], Meta(min_length=1)]
+    mask: ImageRef | None = None
+
+
+class ImageVariationRequest(msgspec.Struct, kw_only=True):
+    """The fields of ``POST /v1/images/variations`` besides the image."""
+
+    model: str | None = None
+    n: Annotated[int, Meta(ge=1, le=10)] = 1
+    size: str | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    stream: bool | None = False
+    # Diffusion extensions.
+    seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
+    output_format: OutputFormat | None = None
+
+
 class InputTokensDetails(msgspec.Struct):
     text_tokens: int
     image_tokens: int = 0

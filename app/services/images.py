@@ -27,14 +27,17 @@ from app.errors import (
 from app.pool import Lease, Pool
 from app.protocol.images import (
     ImageData,
+    ImageEditRequest,
     ImageGenCompletedEvent,
     ImageGenerateRequest,
     ImageGenPartialImageEvent,
     ImagesResponse,
     ImagesUsage,
+    ImageVariationRequest,
     InputTokensDetails,
     StreamEvent,
 )
+from app.services.inputs import InputImage
 from app.store.files import ImageFiles
 from app.worker.protocol import (
     Done,
@@ -62,28 +65,45 @@ def image_tokens(width: int, height: int) -> int:
     return math.ceil(width / 16) * math.ceil(height / 16)
 
 
+EDIT_TASKS = {"inpainting": "inpaint", "outpainting": "outpaint", "background_removal": "background_removal"}
+TASK_NAMES = {
+    "img2img": "image-to-image edits",
+    "inpaint": "inpainting",
+    "outpaint": "outpainting",
+    "background_removal": "background removal",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
-    """A validated request: what the worker runs plus how the answer is shaped."""
+    """A validated request: what the worker runs, the input files it needs, and how the answer is shaped."""
 
     params: GenerationParams
     size: str
     quality: str
     response_format: str
     event_prefix: str = "image_generation"
+    background: str = "opaque"
+    inputs: tuple[InputImage, ...] = ()
+    """The image (then the mask) sent to the worker after the params; closed when the job ends."""
 
     def usage(self, prompt_tokens: int, images: int) -> ImagesUsage:
         out = image_tokens(self.params.width, self.params.height) * images
+        given = sum(image_tokens(i.width, i.height) for i in self.inputs[:1])
         return ImagesUsage(
-            input_tokens=prompt_tokens,
+            input_tokens=prompt_tokens + given,
             output_tokens=out,
-            total_tokens=prompt_tokens + out,
-            input_tokens_details=InputTokensDetails(text_tokens=prompt_tokens),
+            total_tokens=prompt_tokens + given + out,
+            input_tokens_details=InputTokensDetails(text_tokens=prompt_tokens, image_tokens=given),
         )
+
+    def close(self) -> None:
+        for i in self.inputs:
+            i.close()
 
 
 class ImageService:
-    """Generations: :meth:`generate` answers at once, :meth:`stream` yields partial and completed events."""
+    """Generations, edits and variations: answered at once, or streamed as partial and completed events."""
 
     def __init__(self, settings: Settings, pool: Pool, files: ImageFiles, clock: Callable[[], float] = time.time):
         self.settings = settings
@@ -130,17 +150,61 @@ class ImageService:
         return w, h
 
     @staticmethod
-    def _quality(model: ModelConfig, req: ImageGenerateRequest) -> tuple[str, int]:
-        quality = {"low": "low", "medium": "medium"}.get(req.quality or "", "high")
-        if req.num_inference_steps is not None:
-            if req.num_inference_steps > model.max_steps:
+    def _fit(model: ModelConfig, width: int, height: int) -> tuple[int, int]:
+        """The model size closest to an input image's: same aspect, within the limits, on the size grid."""
+        scale = min(1.0, model.max_side / max(width, height))
+        scale = max(scale, model.min_side / min(width, height))
+        m = model.size_multiple
+
+        def snap(v: float) -> int:
+            return min(model.max_side - model.max_side % m, max(model.min_side + -model.min_side % m, round(v / m) * m))
+
+        return snap(width * scale), snap(height * scale)
+
+    @staticmethod
+    def _steps(model: ModelConfig, quality: str | None, steps: int | None) -> tuple[str, int]:
+        resolved = {"low": "low", "medium": "medium"}.get(quality or "", "high")
+        if steps is not None:
+            if steps > model.max_steps:
                 raise InvalidRequest(
                     f"num_inference_steps must be at most {model.max_steps} for '{model.name}'.",
                     param="num_inference_steps",
                 )
-            return quality, req.num_inference_steps
-        fraction = model.quality_steps.get(quality, 1.0)
-        return quality, max(1, round(model.default_steps * fraction))
+            return resolved, steps
+        return resolved, max(1, round(model.default_steps * model.quality_steps.get(resolved, 1.0)))
+
+    @staticmethod
+    def _guidance(model: ModelConfig, guidance: float | None) -> float:
+        value = model.default_guidance if guidance is None else guidance
+        if value > model.max_guidance:
+            raise InvalidRequest(f"guidance_scale must be at most {model.max_guidance}.", param="guidance_scale")
+        return value
+
+    @staticmethod
+    def _scheduler(model: ModelConfig, scheduler: str | None) -> str | None:
+        scheduler = scheduler or model.default_scheduler or None
+        if scheduler is None:
+            return None
+        name = canonical_scheduler(scheduler)
+        if name is None or name not in model.schedulers:
+            raise InvalidRequest(
+                f"Unknown scheduler '{scheduler}' for '{model.name}'. Available: {', '.join(model.schedulers)}.",
+                param="scheduler",
+            )
+        return name
+
+    @staticmethod
+    def _opaque(model: ModelConfig, background: str | None) -> None:
+        if background == "transparent":
+            raise InvalidRequest(
+                f"'{model.name}' cannot produce transparent backgrounds; use 'opaque' or 'auto'.", param="background"
+            )
+
+    def _supported(self, model: ModelConfig, task: str, param: str) -> None:
+        if self.pool.supports(model.name, task) is False:
+            raise InvalidRequest(
+                f"The model '{model.name}' does not support {TASK_NAMES[task]}.", param=param, code="unsupported"
+            )
 
     def prepare(self, req: ImageGenerateRequest) -> Job:
         """Check ``req`` against its model and turn it into a job.
@@ -153,23 +217,10 @@ class ImageService:
         width, height = self._size(model, req.size)
         if req.n > model.max_n:
             raise InvalidRequest(f"n must be at most {model.max_n} for '{model.name}'.", param="n")
-        quality, steps = self._quality(model, req)
-        guidance = model.default_guidance if req.guidance_scale is None else req.guidance_scale
-        if guidance > model.max_guidance:
-            raise InvalidRequest(f"guidance_scale must be at most {model.max_guidance}.", param="guidance_scale")
-        scheduler = req.scheduler or model.default_scheduler or None
-        if scheduler is not None:
-            name = canonical_scheduler(scheduler)
-            if name is None or name not in model.schedulers:
-                raise InvalidRequest(
-                    f"Unknown scheduler '{scheduler}' for '{model.name}'. Available: {', '.join(model.schedulers)}.",
-                    param="scheduler",
-                )
-            scheduler = name
-        if req.background == "transparent":
-            raise InvalidRequest(
-                f"'{model.name}' cannot produce transparent backgrounds; use 'opaque' or 'auto'.", param="background"
-            )
+        quality, steps = self._steps(model, req.quality, req.num_inference_steps)
+        guidance = self._guidance(model, req.guidance_scale)
+        scheduler = self._scheduler(model, req.scheduler)
+        self._opaque(model, req.background)
         params = GenerationParams(
             model=model.name,
             prompt=req.prompt,
@@ -193,12 +244,151 @@ class ImageService:
             response_format=req.response_format or self.settings.default_response_format,
         )
 
+    def prepare_edit(self, req: ImageEditRequest, images: list[InputImage], mask: InputImage | None) -> Job:
+        """Check an edit and turn it into a job that owns its input files (closed here if refused)."""
+        try:
+            return self._prepare_edit(req, images, mask)
+        except BaseException:
+            for i in [*images, *([mask] if mask else [])]:
+                i.close()
+            raise
+
+    def _prepare_edit(self, req: ImageEditRequest, images: list[InputImage], mask: InputImage | None) -> Job:
+        model = self._model(req.model)
+        if not images:
+            raise InvalidRequest("At least one image is required (field 'image' or 'image[]').", param="image")
+        if len(images) > self.settings.max_images:
+            raise InvalidRequest(f"At most {self.settings.max_images} images may be sent.", param="image")
+        if len(images) > 1:
+            raise InvalidRequest(
+                f"The model '{model.name}' edits one image and cannot use reference images; send a single image.",
+                param="image",
+                code="unsupported",
+            )
+        image = images[0]
+        task = EDIT_TASKS.get(req.type or "") or ("inpaint" if mask is not None else "img2img")
+        if task == "inpaint" and mask is None:
+            raise InvalidRequest("Inpainting needs a mask.", param="mask")
+        if task != "background_removal" and not req.prompt:
+            raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt")
+        if mask is not None and (mask.width, mask.height) != (image.width, image.height):
+            raise InvalidRequest(
+                f"The mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
+                "they must have the same dimensions.",
+                param="mask",
+            )
+        self._supported(model, task, "type" if req.type else "image")
+        if req.n > model.max_n:
+            raise InvalidRequest(f"n must be at most {model.max_n} for '{model.name}'.", param="n")
+        if req.size in (None, "auto"):
+            if task == "outpaint":
+                raise InvalidRequest("Outpainting needs a size: the canvas the image grows to.", param="size")
+            if task == "background_removal":  # no denoising, so no size grid: keep the image as it is
+                width, height = image.width, image.height
+            else:
+                width, height = self._fit(model, image.width, image.height)
+        else:
+            width, height = self._size(model, req.size)
+        output_format = req.output_format or "png"
+        background = "opaque"
+        if task == "background_removal":
+            if output_format == "jpeg":
+                raise InvalidRequest("Background removal needs output_format png or webp.", param="output_format")
+            background = "transparent"
+        else:
+            self._opaque(model, req.background)
+        quality, steps = self._steps(model, req.quality, req.num_inference_steps)
+        if req.strength is not None:
+            strength = req.strength
+        elif task in ("inpaint", "outpaint"):
+            strength = 1.0
+        elif req.input_fidelity == "high":
+            strength = model.edit_strength_high_fidelity
+        else:
+            strength = model.edit_strength
+        params = GenerationParams(
+            model=model.name,
+            prompt=req.prompt or "",
+            negative_prompt=req.negative_prompt or None,
+            n=req.n,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=self._guidance(model, req.guidance_scale),
+            seed=secrets.randbelow(SEED_RANGE) if req.seed is None else req.seed,
+            scheduler=self._scheduler(model, req.scheduler),
+            partial_images=(req.partial_images or 0) if req.stream and task != "background_removal" else 0,
+            output_format=output_format,
+            output_compression=req.output_compression,
+            request_id=f"edit_{secrets.token_hex(8)}",
+            task=task,  # type: ignore[arg-type]
+            strength=strength,
+            image_bytes=image.size,
+            mask_bytes=mask.size if mask is not None else 0,
+        )
+        return Job(
+            params=params,
+            size=f"{width}x{height}",
+            quality=quality,
+            response_format=req.response_format or self.settings.default_response_format,
+            event_prefix="image_edit",
+            background=background,
+            inputs=(image, mask) if mask is not None else (image,),
+        )
+
+    def prepare_variation(self, req: ImageVariationRequest, images: list[InputImage]) -> Job:
+        """Check a variation (image-to-image from the first image, no prompt) and turn it into a job."""
+        try:
+            model = self._model(req.model)
+            if req.stream:
+                raise InvalidRequest("Variations do not stream; leave 'stream' out or false.", param="stream")
+            if not images:
+                raise InvalidRequest("An image is required (field 'image').", param="image")
+            image = images[0]
+            for extra in images[1:]:
+                extra.close()
+            self._supported(model, "img2img", "image")
+            if req.n > model.max_n:
+                raise InvalidRequest(f"n must be at most {model.max_n} for '{model.name}'.", param="n")
+            if req.size in (None, "auto"):
+                width, height = self._fit(model, image.width, image.height)
+            else:
+                width, height = self._size(model, req.size)
+        except BaseException:
+            for i in images:
+                i.close()
+            raise
+        params = GenerationParams(
+            model=model.name,
+            prompt="",
+            width=width,
+            height=height,
+            steps=model.default_steps,
+            guidance=model.default_guidance,
+            seed=secrets.randbelow(SEED_RANGE) if req.seed is None else req.seed,
+            n=req.n,
+            scheduler=self._scheduler(model, None),
+            output_format=req.output_format or "png",
+            request_id=f"var_{secrets.token_hex(8)}",
+            task="img2img",
+            strength=model.variation_strength,
+            image_bytes=image.size,
+        )
+        return Job(
+            params=params,
+            size=f"{width}x{height}",
+            quality="high",
+            response_format=req.response_format or self.settings.default_response_format,
+            inputs=(image,),
+        )
+
     def admit(self, job: Job) -> Lease:
         """Take a place for ``job`` on a backend (429 or 503 at once when there is none)."""
         try:
-            return self.pool.acquire(job.params.model, job.params.work)
+            return self.pool.acquire(job.params.model, job.params.work, job.params.task)
         except (Overloaded, Unavailable):
             metrics.IMAGES.labels(job.params.model, "rejected").inc(job.params.n)
+            job.close()
             raise
 
     # -- running ------------------------------------------------------------------------------------------------
@@ -207,7 +397,7 @@ class ImageService:
         """The backend's events for ``job``, with metrics, the deadline and failures mapped to :class:`ApiError`."""
         model = job.params.model
         deadline = lease.admitted_at + self.settings.request_timeout
-        events = lease.member.backend.generate(job.params)
+        events = lease.member.backend.generate(job.params, [i.file for i in job.inputs])
         outcome, first_partial = "error", True
         try:
             while True:
@@ -241,12 +431,31 @@ class ImageService:
             raise
         finally:
             await events.aclose()
+            job.close()
             lease.release(succeeded=outcome == "success")
             metrics.IMAGES.labels(model, outcome).inc(job.params.n)
 
     async def generate(self, req: ImageGenerateRequest, base_url: str) -> ImagesResponse:
-        """Run a request to the end and return every image at once."""
-        job = self.prepare(req)
+        """Run a generation to the end and return every image at once."""
+        return await self.respond(self.prepare(req), base_url)
+
+    def stream(self, req: ImageGenerateRequest) -> EventStream:
+        """Validate and admit now (so errors get their HTTP status); the events follow from the returned stream."""
+        return self.open_stream(self.prepare(req))
+
+    async def edit(
+        self, req: ImageEditRequest, images: list[InputImage], mask: InputImage | None, base_url: str
+    ) -> ImagesResponse:
+        return await self.respond(self.prepare_edit(req, images, mask), base_url)
+
+    def edit_stream(self, req: ImageEditRequest, images: list[InputImage], mask: InputImage | None) -> EventStream:
+        return self.open_stream(self.prepare_edit(req, images, mask))
+
+    async def variation(self, req: ImageVariationRequest, images: list[InputImage], base_url: str) -> ImagesResponse:
+        return await self.respond(self.prepare_variation(req, images), base_url)
+
+    async def respond(self, job: Job, base_url: str) -> ImagesResponse:
+        """Run ``job`` to the end and return every image at once."""
         lease = self.admit(job)
         images: dict[int, bytes] = {}
         prompt_tokens = 0
@@ -270,20 +479,23 @@ class ImageService:
             size=job.size,
             quality=job.quality,
             output_format=p.output_format,
-            background="opaque",
+            background=job.background,
             usage=job.usage(prompt_tokens, len(images)),
         )
 
-    def stream(self, req: ImageGenerateRequest) -> EventStream:
-        """Validate and admit now (so errors get their HTTP status); the events follow from the returned stream."""
-        job = self.prepare(req)
+    def open_stream(self, job: Job) -> EventStream:
         lease = self.admit(job)
         return EventStream(self._stream(job, lease), job, lease)
 
     async def _stream(self, job: Job, lease: Lease) -> AsyncIterator[StreamEvent]:
         p = job.params
         prompt_tokens = 0
-        common = {"size": job.size, "quality": job.quality, "background": "opaque", "output_format": p.output_format}
+        common = {
+            "size": job.size,
+            "quality": job.quality,
+            "background": job.background,
+            "output_format": p.output_format,
+        }
         # aclosing: when the client goes away, the job's stop must reach the backend now, not at garbage collection.
         async with contextlib.aclosing(self._run(job, lease)) as events:
             async for event in events:
@@ -326,6 +538,7 @@ class EventStream:
 
     async def aclose(self) -> None:
         await self._events.aclose()  # type: ignore[attr-defined]
+        self._job.close()
         if not self._lease.released:
             self._lease.release(succeeded=False)
             metrics.IMAGES.labels(self._job.params.model, "cancelled").inc(self._job.params.n)

@@ -11,8 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image as PILImage
 
 from app.config import ModelConfig
+from app.worker import images
 from app.worker.pipelines import LoadedModel, load_model
 from app.worker.previews import X0Tracker, encode_image
 from app.worker.protocol import (
@@ -38,6 +40,8 @@ class JobCancelled(Exception):
 @dataclass(eq=False)
 class Job:
     params: GenerationParams
+    image: bytes | None = None
+    mask: bytes | None = None
     events: asyncio.Queue[WorkerEvent] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -96,12 +100,18 @@ class Engine:
             cancelled=self.cancelled,
             failed=self.failed,
             error=self.error,
+            tasks={name: sorted(loaded.tasks) for name, loaded in self.models.items()},
         )
 
-    def submit(self, params: GenerationParams) -> Job:
-        job = Job(params)
-        if params.model not in self.models:
+    def submit(self, params: GenerationParams, image: bytes | None = None, mask: bytes | None = None) -> Job:
+        job = Job(params, image, mask)
+        loaded = self.models.get(params.model)
+        if loaded is None:
             job.events.put_nowait(Failed(f"model {params.model!r} is not loaded on this worker", "invalid_request"))
+        elif params.task not in loaded.tasks:
+            job.events.put_nowait(Failed(f"model {params.model!r} cannot run {params.task}", "invalid_request"))
+        elif params.task != "text2img" and image is None:
+            job.events.put_nowait(Failed(f"{params.task} needs an input image", "invalid_request"))
         else:
             self._queue.put_nowait(job)
         return job
@@ -131,7 +141,10 @@ class Engine:
         t0 = time.monotonic()
         try:
             emit(Started(queue_seconds=t0 - job.enqueued_at, prompt_tokens=loaded.count_tokens(p.prompt)))
-            images = self._denoise(loaded, job, emit)
+            if p.task == "background_removal":
+                images = self._remove_background(loaded, job)
+            else:
+                images = self._denoise(loaded, job, emit)
 
             def finals() -> list[WorkerEvent]:
                 events: list[WorkerEvent] = [
@@ -175,13 +188,40 @@ class Engine:
 
         self._encoder.submit(run)
 
+    @staticmethod
+    def _remove_background(loaded: LoadedModel, job: Job) -> list:
+        p = job.params
+        image = images.resized(images.rgb(images.load(job.image)), p.width, p.height)  # type: ignore[arg-type]
+        background = set(loaded.config.background_labels)
+        foreground = PILImage.new("L", image.size, 0)
+        for segment in loaded.segmenter(image):
+            if segment["label"] not in background:
+                foreground.paste(255, mask=segment["mask"].convert("L"))
+        return [images.cut_out(image, foreground)] * p.n
+
+    @staticmethod
+    def _inputs(job: Job) -> dict:
+        """The pipeline arguments that carry an edit's image and mask."""
+        p = job.params
+        if p.task == "text2img":
+            return {"height": p.height, "width": p.width}
+        image = images.load(job.image)  # type: ignore[arg-type]
+        mask = images.load(job.mask) if job.mask else None
+        if p.task == "img2img":
+            return {"image": images.resized(images.rgb(image), p.width, p.height), "strength": p.strength}
+        if p.task == "outpaint":
+            canvas, redraw = images.outpaint_canvas(image, p.width, p.height, mask)
+        else:
+            canvas = images.resized(images.rgb(image), p.width, p.height)
+            redraw = images.resized(images.redraw_mask(mask), p.width, p.height, PILImage.Resampling.NEAREST)  # type: ignore[arg-type]
+        return {"image": canvas, "mask_image": redraw, "height": p.height, "width": p.width, "strength": p.strength}
+
     def _denoise(self, loaded: LoadedModel, job: Job, emit: Callable[[WorkerEvent], None]) -> list:
         p = job.params
+        scheduler = loaded.make_scheduler(p.scheduler)
+        pipe = loaded.pipeline_for(p.task, scheduler)
         if p.negative_prompt and "negative_prompt" not in loaded.call_params:
             raise ValueError(f"model {p.model!r} does not take a negative_prompt")
-        scheduler = loaded.make_scheduler(p.scheduler)
-        pipe = type(loaded.pipe).from_pipe(loaded.pipe, scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
         tracker = X0Tracker(scheduler)
         # Noise comes from CPU generators, so a seed gives the same image on any device and in any batch.
         generators = [torch.Generator("cpu").manual_seed(p.seed + i) for i in range(p.n)]
@@ -217,11 +257,11 @@ class Engine:
             return kwargs
 
         if p.partial_images:
-            tracker.wanted = 1 in preview_steps(p.steps, p.partial_images)
+            expected = max(1, int(p.steps * (p.strength or 1.0)))
+            tracker.wanted = 1 in preview_steps(expected, p.partial_images)
         kwargs = {
+            **self._inputs(job),
             "prompt": p.prompt,
-            "height": p.height,
-            "width": p.width,
             "num_inference_steps": p.steps,
             "guidance_scale": p.guidance,
             "num_images_per_prompt": p.n,

@@ -13,7 +13,7 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
 
 from app.config import ModelConfig
 from app.worker.previews import Previewer
@@ -36,6 +36,21 @@ class LoadedModel:
     call_params: frozenset[str]
     schedulers: dict[str, Any] = field(default_factory=dict)
     """Scheduler name -> (class, extra config), checked to work with this pipeline."""
+    tasks: frozenset[str] = frozenset({"text2img"})
+    segmenter: Any = None
+    """A transformers image-segmentation pipeline, for background_removal."""
+
+    def pipeline_for(self, task: str, scheduler: Any) -> Any:
+        """A view of the pipeline for ``task`` that shares the weights and has its own scheduler and state."""
+        if task == "img2img":
+            cls: Any = AutoPipelineForImage2Image
+        elif task in ("inpaint", "outpaint"):
+            cls = AutoPipelineForInpainting
+        else:
+            cls = type(self.pipe)
+        pipe = cls.from_pipe(self.pipe, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def make_scheduler(self, name: str | None) -> Any:
         """A fresh scheduler for one job, so no state is shared between jobs."""
@@ -194,14 +209,37 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
     call_params = frozenset(inspect.signature(pipe.__call__).parameters)
     if not {"callback_on_step_end", "num_inference_steps", "generator"} <= call_params:
         raise ModelLoadError(f"model {model.name!r}: {type(pipe).__name__} is not a supported text-to-image pipeline")
+    tasks = {"text2img"}
+    for task, cls in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
+        try:
+            cls.from_pipe(pipe)
+        except Exception as e:  # no edit pipeline for this architecture
+            log.info("model %s: no %s pipeline (%s)", model.name, task, e)
+            continue
+        tasks.add(task)
+        if task == "inpaint":
+            tasks.add("outpaint")
+    segmenter = None
+    if model.segmentation_model:
+        from transformers import pipeline as transformers_pipeline
+
+        try:
+            segmenter = transformers_pipeline("image-segmentation", model=model.segmentation_model, device=device)
+        except Exception as e:
+            raise ModelLoadError(
+                f"model {model.name!r}: cannot load segmentation_model {model.segmentation_model!r}: {e}"
+            ) from e
+        tasks.add("background_removal")
     loaded = LoadedModel(
         config=model,
         pipe=pipe,
         previewer=Previewer.for_pipeline(pipe, model.preview, model.preview_downscale, model.taesd_path),
         call_params=call_params,
         schedulers=_check_schedulers(model, pipe),
+        tasks=frozenset(tasks),
+        segmenter=segmenter,
     )
-    log.info("loaded %s (%s, %s) on %s", model.name, type(pipe).__name__, model.dtype, device)
+    log.info("loaded %s (%s, %s) on %s: %s", model.name, type(pipe).__name__, model.dtype, device, sorted(tasks))
     return loaded
 
 

@@ -1,12 +1,15 @@
 """The internal protocol between the gateway and its workers: msgspec only, no torch.
 
-A generation is one HTTP request, ``POST /v1/generate`` with a msgpack-encoded :class:`GenerationParams` body. The
-answer is a stream of length-prefixed msgpack frames, each one :data:`WorkerEvent`::
+A job is one HTTP request, ``POST /v1/generate``. Its body is one length-prefixed msgpack :class:`GenerationParams`
+followed by the raw bytes of the input image and mask, if any (``image_bytes`` and ``mask_bytes`` long), so an
+upload streams through the gateway instead of being held in its memory. The answer is a stream of length-prefixed
+msgpack frames, each one :data:`WorkerEvent`::
 
     [4-byte big-endian length][msgpack event] [4-byte length][msgpack event] ...
 
-Images travel as raw bytes (msgpack ``bin``), never base64, so no hop pays for an encode it does not need. A stream
-ends after :class:`Done` or :class:`Failed`; a stream that ends before either is a worker failure.
+Images travel as raw bytes (msgpack ``bin`` or the body itself), never base64, so no hop pays for an encode it does
+not need. A stream ends after :class:`Done` or :class:`Failed`; a stream that ends before either is a worker
+failure.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ TOKEN_HEADER = "x-imagegate-worker-token"
 FRAME_HEADER = struct.Struct(">I")
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+Task = Literal["text2img", "img2img", "inpaint", "outpaint", "background_removal"]
+TASKS: tuple[str, ...] = ("text2img", "img2img", "inpaint", "outpaint", "background_removal")
 
 # Scheduler names requests and configs may use -> (diffusers class, extra config). Kept here, free of torch, so the
 # gateway can validate names; the worker checks at start-up that each configured one works with its pipeline.
@@ -77,7 +82,13 @@ def preview_steps(steps: int, count: int) -> list[int]:
 
 
 class GenerationParams(msgspec.Struct, kw_only=True, frozen=True):
-    """A validated text-to-image job, as the worker runs it."""
+    """A validated job, as the worker runs it.
+
+    ``text2img`` draws from the prompt; ``img2img`` redraws the input image at ``strength``; ``inpaint`` redraws
+    where the mask says (white: redraw); ``outpaint`` places the image in the middle of a ``width`` x ``height``
+    canvas and draws the rest (plus the masked area, if a mask came); ``background_removal`` makes the background
+    transparent. ``width`` and ``height`` are always the output size.
+    """
 
     model: str
     prompt: str
@@ -94,11 +105,18 @@ class GenerationParams(msgspec.Struct, kw_only=True, frozen=True):
     output_format: OutputFormat = "png"
     output_compression: int | None = None
     request_id: str = ""
+    task: Task = "text2img"
+    strength: float | None = None
+    image_bytes: int = 0
+    """Length of the input image that follows the params in the request body."""
+    mask_bytes: int = 0
+    """Length of the mask (PNG with alpha, or greyscale: white = redraw) that follows the image."""
 
     @property
     def work(self) -> float:
-        """Cost estimate used for routing: pixels x steps x images."""
-        return float(self.width * self.height * self.steps * self.n)
+        """Cost estimate used for routing: pixels x denoising steps actually run x images."""
+        steps = self.steps * (self.strength if self.task == "img2img" and self.strength is not None else 1.0)
+        return float(self.width * self.height * max(steps, 1.0) * self.n)
 
 
 class Started(msgspec.Struct, tag="started"):
@@ -147,11 +165,13 @@ _params_decoder = msgspec.msgpack.Decoder(GenerationParams)
 
 
 def encode_params(params: GenerationParams) -> bytes:
-    return _encoder.encode(params)
+    """The head of a job's request body: the length-prefixed params (the image and mask bytes follow)."""
+    payload = _encoder.encode(params)
+    return FRAME_HEADER.pack(len(payload)) + payload
 
 
-def decode_params(data: bytes) -> GenerationParams:
-    return _params_decoder.decode(data)
+def decode_params(payload: bytes) -> GenerationParams:
+    return _params_decoder.decode(payload)
 
 
 def encode_frame(event: WorkerEvent) -> bytes:
@@ -175,3 +195,5 @@ class HealthInfo(msgspec.Struct, kw_only=True):
     cancelled: int = 0
     failed: int = 0
     error: str | None = None
+    tasks: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    """Model -> the tasks this worker can run for it."""

@@ -15,7 +15,15 @@ from aiohttp import web
 
 from app.config import ModelConfig
 from app.worker.engine import Engine
-from app.worker.protocol import CONTENT_TYPE, TOKEN_HEADER, Done, Failed, decode_params, encode_frame
+from app.worker.protocol import (
+    CONTENT_TYPE,
+    FRAME_HEADER,
+    TOKEN_HEADER,
+    Done,
+    Failed,
+    decode_params,
+    encode_frame,
+)
 
 log = logging.getLogger("imagegate.worker")
 
@@ -33,10 +41,13 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if token and not hmac.compare_digest(request.headers.get(TOKEN_HEADER, "").encode(), token.encode()):
         return web.Response(status=401, text="bad worker token")
     try:
-        params = decode_params(await request.read())
-    except msgspec.DecodeError as e:
+        (length,) = FRAME_HEADER.unpack(await request.content.readexactly(FRAME_HEADER.size))
+        params = decode_params(await request.content.readexactly(length))
+        image = await request.content.readexactly(params.image_bytes) if params.image_bytes else None
+        mask = await request.content.readexactly(params.mask_bytes) if params.mask_bytes else None
+    except (msgspec.DecodeError, asyncio.IncompleteReadError) as e:
         return web.Response(status=400, text=f"malformed job: {e}")
-    job = request.app[ENGINE].submit(params)
+    job = request.app[ENGINE].submit(params, image, mask)
     response = web.StreamResponse(headers={"content-type": CONTENT_TYPE})
     await response.prepare(request)
     finished = False
@@ -52,7 +63,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 def build_app(engine: Engine, token: str = "") -> web.Application:
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application()
     app[ENGINE] = engine
     app[TOKEN] = token
     app.router.add_get("/health", health)

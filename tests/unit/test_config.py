@@ -15,6 +15,7 @@ from app.config import (
     ModelConfig,
     Settings,
     field_docs,
+    list_fields,
     load_settings,
     scalar_fields,
 )
@@ -281,4 +282,5 @@ def test_scalar_fields_types():
     assert fields["log_level"] is str  # a Literal of strings is a string flag
     assert fields["default_response_format"] is str
     assert "models" not in fields  # list fields take JSON, not a flag
-    assert set(fields) == {f.name for f in msgspec.structs.fields(Settings)} - {"models"}
+    assert set(fields) | set(list_fields()) == {f.name for f in msgspec.structs.fields(Settings)} - {"models"}
+    assert list_fields() == ["image_url_allowlist"]

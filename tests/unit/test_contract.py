@@ -1,13 +1,16 @@
 """The API contract (``openapi.yaml`` + ``schemas/``) against the code, so that neither drifts from the other.
 
 Static checks: the bundle resolves, the routes are the contract's paths, the handlers' parameters, bodies and
-operation ids are the contract's, and every wire struct has the same fields, required-ness, types, constraints and
-enums as the contract's schema of the same name. Live checks: what the app actually answers (JSON, SSE frames,
+operation ids are the contract's, every wire struct has the same fields, required-ness, types, constraints and
+enums as the contract's schema of the same name, and the upload routes' multipart and JSON bodies are the structs
+they are decoded into (plus their file parts). Live checks: what the app actually answers (JSON, SSE frames,
 errors, headers) validates against the contract. No torch: the backend is :class:`FakeBackend`.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import typing
@@ -20,8 +23,10 @@ import pytest
 import yaml
 from litestar import Litestar, Response
 from litestar.testing import TestClient
+from PIL import Image
 
 from app import contract
+from app.api import uploads
 from app.api.system import Readiness, ReadyBackend
 from app.asgi import create_app
 from app.backends.fake import FakeBackend
@@ -45,9 +50,35 @@ WIRE_STRUCTS: list[type[msgspec.Struct]] = [
     ReadyBackend,
 ]
 # Structs the server decodes (requests); all others it only encodes (responses, events).
-REQUEST_STRUCTS = {protocol.ImageGenerateRequest}
-# Contract schemas with no struct behind them: the SSE union, and /health's plain dict (checked live).
-SCHEMAS_WITHOUT_STRUCT = {"ImageGenStreamEvent", "Health"}
+REQUEST_STRUCTS = {
+    protocol.ImageGenerateRequest,
+    protocol.ImageEditRequest,
+    protocol.ImageRef,
+    protocol.ImageEditJsonRequest,
+    protocol.ImageVariationRequest,
+}
+# Routes that read their body themselves (app/api/uploads.py) instead of through a ``data`` argument:
+# operationId -> {media type: (the contract's body schema, the struct app/api/uploads.py decodes it into)}.
+UPLOAD_BODIES: dict[str, dict[str, tuple[str, type[msgspec.Struct]]]] = {
+    "imageEdit": {
+        "multipart/form-data": ("ImageEditMultipartRequest", protocol.ImageEditRequest),
+        "application/json": ("ImageEditJsonRequest", protocol.ImageEditJsonRequest),
+    },
+    "imageVariation": {
+        "multipart/form-data": ("ImageVariationMultipartRequest", protocol.ImageVariationRequest),
+    },
+}
+# The file parts each multipart body declares besides its struct's fields (all of them names uploads.py reads).
+MULTIPART_FILES = {"imageEdit": {"image", "image[]", "mask"}, "imageVariation": {"image", "image[]"}}
+# Each streamed route's event union and the prefix of its image events' ``type`` (app/services/images.py).
+STREAM_UNIONS = {"ImageGenStreamEvent": "image_generation", "ImageEditStreamEvent": "image_edit"}
+# Contract schemas with no struct of their own name behind them: the SSE unions, the multipart bodies (a struct
+# plus files, checked by test_upload_bodies_match_structs), and /health's plain dict (checked live).
+SCHEMAS_WITHOUT_STRUCT = {
+    *STREAM_UNIONS,
+    *(name for bodies in UPLOAD_BODIES.values() for name, struct in bodies.values() if name != struct.__name__),
+    "Health",
+}
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 IGNORED_METHODS = {"HEAD", "OPTIONS"}
@@ -131,6 +162,29 @@ def operation(spec: dict[str, Any], path: str, method: str) -> dict[str, Any]:
     op = item.get(method.lower())
     assert op is not None, f"openapi.yaml has no {method} {path}"
     return op
+
+
+def flatten(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with ``$ref`` followed and its ``allOf`` members merged into one object schema.
+
+    ``properties`` and ``required`` are the union of the members'; other keywords are the schema's own.
+    """
+    if "$ref" in schema:
+        return flatten(spec, resolve(spec, schema["$ref"]))
+    if "allOf" not in schema:
+        return schema
+    merged = {k: v for k, v in schema.items() if k != "allOf"}
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for part in [*(flatten(spec, member) for member in schema["allOf"]), merged]:
+        properties.update(part.get("properties", {}))
+        required += [name for name in part.get("required", []) if name not in required]
+        if part.get("additionalProperties") is False:
+            merged["additionalProperties"] = False
+    merged["properties"] = properties
+    if required:
+        merged["required"] = required
+    return merged
 
 
 def ref_name(node: dict[str, Any]) -> str | None:
@@ -229,6 +283,8 @@ def validate(value: Any, schema: dict[str, Any], spec: dict[str, Any], where: st
     """What is wrong with ``value`` against a contract ``schema``; objects are closed (undeclared keys are drift)."""
     if "$ref" in schema:
         return validate(value, resolve(spec, schema["$ref"]), spec, where)
+    if "allOf" in schema:
+        return validate(value, flatten(spec, schema), spec, where)
     if "oneOf" in schema:
         disc = schema.get("discriminator")
         if disc and isinstance(value, dict):
@@ -404,12 +460,28 @@ def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
                 f"{where}: parameters (in, name): required are {spec_params} in openapi.yaml, {code_params} in code"
             )
 
-        # Request body: the struct behind ``data``.
+        # Request body: the struct behind ``data``, or for upload routes, the bodies app/api/uploads.py reads.
         data = handler.parsed_fn_signature.parameters.get("data")
-        body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
-        code_body = data.annotation.__name__ if data is not None else None
-        if code_body != ref_name(body):
-            problems.append(f"{where}: request body is {ref_name(body)!r} in openapi.yaml, {code_body!r} in code")
+        content = op.get("requestBody", {}).get("content", {})
+        read_bodies = UPLOAD_BODIES.get(handler.operation_id)
+        if read_bodies is not None:
+            if data is not None:
+                problems.append(f"{where}: decodes a `data` argument, but UPLOAD_BODIES says it reads its own body")
+            if set(content) != set(read_bodies):
+                problems.append(
+                    f"{where}: body media types are {sorted(content)} in openapi.yaml, {sorted(read_bodies)}"
+                )
+            for media, (name, _) in read_bodies.items():
+                found = ref_name(content.get(media, {}).get("schema", {}))
+                if found != name:
+                    problems.append(f"{where}: {media} body is {found!r} in openapi.yaml, {name!r} expected")
+            if not op.get("requestBody", {}).get("required"):
+                problems.append(f"{where}: the request body is required")
+        else:
+            body = content.get("application/json", {}).get("schema", {})
+            code_body = data.annotation.__name__ if data is not None else None
+            if code_body != ref_name(body):
+                problems.append(f"{where}: request body is {ref_name(body)!r} in openapi.yaml, {code_body!r} in code")
 
         # 200 body, where the handler declares a struct (``Model`` or ``Response[Readiness]``).
         returned = handler.parsed_fn_signature.return_type.annotation
@@ -432,41 +504,42 @@ def test_every_contract_schema_has_a_source(spec: dict[str, Any]) -> None:
     assert not stale, f"contract schemas with no struct behind them: {sorted(stale)}"
 
 
-@pytest.mark.parametrize("struct", WIRE_STRUCTS, ids=lambda s: s.__name__)
-def test_struct_matches_schema(struct: type[msgspec.Struct], spec: dict[str, Any]) -> None:
+def struct_problems(struct: type[msgspec.Struct], schema: dict[str, Any], *, request: bool) -> list[str]:
+    """How a contract object ``schema`` (``allOf`` already merged) differs from ``struct``: field names,
+    required-ness, types, constraints, enums, and for requests the defaults and whether unknown fields are refused.
+    """
     name = struct.__name__
-    schema = spec["components"]["schemas"].get(name)
-    assert schema is not None, f"openapi.yaml has no schema {name} for {struct.__module__}.{name}"
-    assert schema.get("type") == "object", f"{name}: contract type is {schema.get('type')!r}, not object"
-    request = struct in REQUEST_STRUCTS
+    if schema.get("type") != "object":
+        return [f"{name}: contract type is {schema.get('type')!r}, not object"]
     fields = {f.name: f for f in msgspec.structs.fields(struct)}
     props: dict[str, Any] = schema.get("properties", {})
 
     missing, extra = sorted(set(fields) - set(props)), sorted(set(props) - set(fields))
-    assert not missing and not extra, (
-        f"{name}: fields in code but not in the contract: {missing}; in the contract but not in code: {extra}"
-    )
+    if missing or extra:
+        return [f"{name}: fields in code but not in the contract: {missing}; in the contract but not in code: {extra}"]
 
+    problems = []
     # Requests: a field without a default must be sent. Responses: a field the encoder always writes is required.
     if request:
         # The server ignores unknown fields unless the struct forbids them; the contract must say the same.
         forbids = struct.__struct_config__.forbid_unknown_fields
         closed = schema.get("additionalProperties") is False
-        assert closed == forbids, (
-            f"{name}: unknown fields are {'rejected' if forbids else 'ignored'} in code, "
-            f"{'rejected' if closed else 'allowed'} by the contract (additionalProperties)"
-        )
+        if closed != forbids:
+            problems.append(
+                f"{name}: unknown fields are {'rejected' if forbids else 'ignored'} in code, "
+                f"{'rejected' if closed else 'allowed'} by the contract (additionalProperties)"
+            )
 
     code_required = {n for n, f in fields.items() if (f.required if request else always_sent(struct, f))}
     spec_required = set(schema.get("required", []))
-    assert code_required == spec_required, (
-        f"{name}: required only in code: {sorted(code_required - spec_required)}; "
-        f"required only in the contract: {sorted(spec_required - code_required)}"
-    )
+    if code_required != spec_required:
+        problems.append(
+            f"{name}: required only in code: {sorted(code_required - spec_required)}; "
+            f"required only in the contract: {sorted(spec_required - code_required)}"
+        )
 
-    (_,), components = msgspec.json.schema_components([struct], ref_template="#/components/schemas/{name}")
+    _, components = msgspec.json.schema_components([struct], ref_template="#/components/schemas/{name}")
     code_props = components[name]["properties"]
-    problems = []
     for field, code_schema in code_props.items():
         diff = shape_diff(shape(code_schema), shape(props[field]), narrowing=not request)
         problems += [f"{name}.{field}: {key} is {a!r} in code, {b!r} in the contract" for key, (a, b) in diff.items()]
@@ -477,21 +550,87 @@ def test_struct_matches_schema(struct: type[msgspec.Struct], spec: dict[str, Any
                 problems.append(
                     f"{name}.{field}: default is {default!r} in code, {props[field].get('default')!r} in the contract"
                 )
+    return problems
+
+
+@pytest.mark.parametrize("struct", WIRE_STRUCTS, ids=lambda s: s.__name__)
+def test_struct_matches_schema(struct: type[msgspec.Struct], spec: dict[str, Any]) -> None:
+    name = struct.__name__
+    schema = spec["components"]["schemas"].get(name)
+    assert schema is not None, f"openapi.yaml has no schema {name} for {struct.__module__}.{name}"
+    problems = struct_problems(struct, flatten(spec, schema), request=struct in REQUEST_STRUCTS)
     assert not problems, "\n".join(problems)
 
 
-def test_stream_event_union(spec: dict[str, Any]) -> None:
+def is_file(schema: dict[str, Any]) -> bool:
+    """A multipart file part: ``format: binary``, an array of those, or a ``oneOf`` of both."""
+    branches = schema.get("oneOf") or [schema]
+    return all(b.get("format") == "binary" or b.get("items", {}).get("format") == "binary" for b in branches)
+
+
+@pytest.mark.parametrize(
+    ("operation_id", "media"),
+    [(op, media) for op, bodies in UPLOAD_BODIES.items() for media in bodies],
+)
+def test_upload_bodies_match_structs(operation_id: str, media: str, spec: dict[str, Any]) -> None:
+    name, struct = UPLOAD_BODIES[operation_id][media]
+    schema = spec["components"]["schemas"].get(name)
+    assert schema is not None, f"openapi.yaml has no schema {name} for the {media} body of {operation_id}"
+    body = flatten(spec, schema)
+    if media == "application/json":
+        problems = struct_problems(struct, body, request=True)
+        assert not problems, "\n".join(problems)
+        return
+
+    # Multipart: the struct's fields as text parts, plus the file parts uploads.py reads.
+    props = body.get("properties", {})
+    files = {k for k, v in props.items() if is_file(v)}
+    assert files == MULTIPART_FILES[operation_id], f"{name}: file parts are {sorted(files)}"
+    unread = files - set(uploads._FILE_FIELDS)
+    assert not unread, f"{name}: file parts app/api/uploads.py does not read: {sorted(unread)}"
+    fields = {k: v for k, v in props.items() if k not in files}
+    assert not set(body.get("required", [])) & files, f"{name}: `image` or `image[]` suffices; neither is required"
+    assert body.get("anyOf") == [{"required": ["image"]}, {"required": ["image[]"]}], (
+        f"{name}: must require one of `image` and `image[]` (anyOf), the names uploads.py reads images from"
+    )
+    max_images = Settings().max_images
+    for part in ("image", "image[]"):
+        arrays = [b for b in props[part].get("oneOf", [props[part]]) if b.get("type") == "array"]
+        assert arrays and all(b.get("maxItems") == max_images for b in arrays), (
+            f"{name}.{part}: an array of at most max_images ({max_images}) files"
+        )
+    text = {**body, "properties": fields, "required": [r for r in body.get("required", []) if r not in files]}
+    problems = struct_problems(struct, text, request=True)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(("union_name", "prefix"), STREAM_UNIONS.items())
+def test_stream_event_union(union_name: str, prefix: str, spec: dict[str, Any]) -> None:
     schemas = spec["components"]["schemas"]
-    union = schemas["ImageGenStreamEvent"]
+    union = schemas[union_name]
     members = {ref_name(s) for s in union["oneOf"]}
     expected = {s.__name__ for s in typing.get_args(protocol.StreamEvent)} | {ErrorEvent.__name__}
-    assert members == expected, f"ImageGenStreamEvent.oneOf is {sorted(members)}; the code streams {sorted(expected)}"
+    assert members == expected, f"{union_name}.oneOf is {sorted(members)}; the code streams {sorted(expected)}"
     mapping = union["discriminator"]["mapping"]
+    error_type = ErrorEvent(error=ErrorBody("m", "server_error", None, None)).type
+    assert set(mapping) == {f"{prefix}.partial_image", f"{prefix}.completed", error_type}, (
+        f"{union_name} maps {sorted(mapping)}; the route streams {prefix}.* events"
+    )
     assert {target.rsplit("/", 1)[-1] for target in mapping.values()} == expected
     for event_type, target in mapping.items():
         enum = resolve(spec, target)["properties"]["type"].get("enum")
-        assert enum == [event_type], f"discriminator maps {event_type!r} to {target}, whose type enum is {enum}"
-    assert ErrorEvent(error=ErrorBody("m", "server_error", None, None)).type in mapping
+        assert enum and event_type in enum, f"{union_name} maps {event_type!r} to {target}, whose type enum is {enum}"
+
+
+def test_event_types_are_the_unions(spec: dict[str, Any]) -> None:
+    """An event schema's ``type`` enum lists exactly the types some route's union maps to it."""
+    mapped: dict[str, set[str]] = {}
+    for union_name in STREAM_UNIONS:
+        for event_type, target in spec["components"]["schemas"][union_name]["discriminator"]["mapping"].items():
+            mapped.setdefault(target, set()).add(event_type)
+    for target, types in mapped.items():
+        enum = set(resolve(spec, target)["properties"]["type"]["enum"])
+        assert enum == types, f"{target}: type enum {sorted(enum)}, but the stream unions map {sorted(types)}"
 
 
 def test_scheduler_names_documented(spec: dict[str, Any]) -> None:
@@ -516,6 +655,27 @@ def test_served_contract_is_the_bundle(app: Litestar) -> None:
 
 def fake_app(settings: Settings, **fake: Any) -> Litestar:
     return create_app(settings, backends=[(FakeBackend(**fake), [DEMO_MODEL])])
+
+
+def png(width: int = 32, height: int = 32, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(image: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(image).decode()
+
+
+def image_tokens(width: int, height: int) -> int:
+    return -(-width // 16) * -(-height // 16)
+
+
+def post_checked(client: TestClient, spec: dict[str, Any], path: str, status: int, **kwargs: Any) -> Any:
+    """POST, assert the status, check the answer against the contract and return its JSON body."""
+    response = client.post(path, **kwargs)
+    assert response.status_code == status, (kwargs.get("data"), kwargs.get("json"), response.text[:300])
+    return check_response(spec, path, "POST", response)
 
 
 def test_live_answers_conform(settings: Settings, spec: dict[str, Any]) -> None:
@@ -599,3 +759,146 @@ def test_live_answers_without_workers(app: Litestar, spec: dict[str, Any]) -> No
         response = client.post(gen, json={"prompt": "a cat", "stream": True})
         assert response.status_code == 503, "errors before the stream starts keep their HTTP status"
         check_response(spec, gen, "POST", response)
+
+
+EDITS = "/v1/images/edits"
+VARIATIONS = "/v1/images/variations"
+
+
+def test_live_edit_answers_conform(settings: Settings, spec: dict[str, Any]) -> None:
+    image = png(100, 60)
+    with TestClient(fake_app(settings)) as client:
+        # Multipart as the SDKs send it: scalars as strings, the file's type from its bytes, not its name.
+        body = post_checked(
+            client,
+            spec,
+            EDITS,
+            200,
+            data={"prompt": "a cat", "n": "2"},
+            files={"image": ("a.txt", image, "text/plain")},
+        )
+        assert len(body["data"]) == 2 and body["background"] == "opaque"
+        usage = body["usage"]
+        assert usage["input_tokens_details"]["image_tokens"] == image_tokens(100, 60)
+        assert usage["input_tokens"] == usage["input_tokens_details"]["text_tokens"] + image_tokens(100, 60)
+        # `image[]` (what the SDKs send, even for one file) with a mask: inpainting, then outpainting around it.
+        files = [("image[]", ("a.png", png(), "image/png")), ("mask", ("m.png", png(mode="RGBA"), "image/png"))]
+        post_checked(client, spec, EDITS, 200, data={"prompt": "a cat", "stream": "false"}, files=files)
+        post_checked(
+            client, spec, EDITS, 200, data={"prompt": "x", "type": "outpainting", "size": "128x64"}, files=files
+        )
+        body = post_checked(
+            client, spec, EDITS, 200, data={"type": "background_removal"}, files={"image": ("a", png(), "")}
+        )
+        assert body["background"] == "transparent"
+        # JSON form: data: URLs, and the contract's own example.
+        request = {
+            "prompt": "a cat",
+            "images": [{"image_url": data_url(png())}],
+            "mask": {"image_url": data_url(png())},
+        }
+        body = post_checked(client, spec, EDITS, 200, json={**request, "response_format": "url"})
+        assert "url" in body["data"][0]
+        example = spec["paths"][EDITS]["post"]["requestBody"]["content"]["application/json"]["example"]
+        post_checked(client, spec, EDITS, 200, json=example)
+
+        one = {"image": ("a.png", png(), "image/png")}
+        refused: list[tuple[dict[str, Any], str | None, str | None]] = [
+            ({"data": {"prompt": "x"}, "files": {"mask": ("m.png", png(), "image/png")}}, "image", None),
+            (
+                {"data": {"prompt": "x"}, "files": {"image": ("a.png", b"GIF89a" + bytes(64), "image/png")}},
+                "image",
+                "invalid_image_format",
+            ),
+            (
+                {"data": {"prompt": "x"}, "files": {"image": ("a.png", png()[:40], "image/png")}},
+                "image",
+                "invalid_image",
+            ),
+            (
+                {"data": {"prompt": "x"}, "files": [("image", one["image"]), ("image[]", one["image"])]},
+                "image",
+                "unsupported",
+            ),
+            ({"data": {"prompt": "x"}, "files": {**one, "mask": ("m.png", png(16, 16), "image/png")}}, "mask", None),
+            ({"data": {"prompt": "x", "type": "inpainting"}, "files": one}, "mask", None),
+            ({"data": {"prompt": "x", "type": "outpainting"}, "files": one}, "size", None),
+            ({"data": {"type": "background_removal", "output_format": "jpeg"}, "files": one}, "output_format", None),
+            ({"data": {"n": "2"}, "files": one}, "prompt", None),
+            ({"data": {"prompt": "x", "n": "two"}, "files": one}, "n", None),
+            ({"json": {"prompt": "x", "images": [{"file_id": "file-1"}]}}, "images[0]", None),
+            ({"json": {"prompt": "x", "images": [{"image_url": "https://example.com/a.png"}]}}, "images[0]", None),
+            ({"json": {"prompt": "x", "images": []}}, "images", None),
+            ({"content": b"prompt=x", "headers": {"content-type": "application/x-www-form-urlencoded"}}, None, None),
+        ]
+        for kwargs, param, code in refused:
+            body = post_checked(client, spec, EDITS, 400, **kwargs)
+            assert (body["error"]["param"], body["error"]["code"]) == (param, code), (kwargs, body)
+        body = post_checked(client, spec, EDITS, 404, data={"prompt": "x", "model": "nope"}, files=one)
+        assert body["error"]["code"] == "model_not_found"
+
+
+def test_live_upload_limits_conform(tmp_path: Path, spec: dict[str, Any]) -> None:
+    limits = {"data_dir": str(tmp_path), "max_upload_size": 20_000, "max_image_pixels": 40 * 40}
+    with TestClient(fake_app(load_settings(environ={}, overrides=limits))) as client:
+        for path in (EDITS, VARIATIONS):
+            body = post_checked(client, spec, path, 400, data={"prompt": "x"}, files={"image": ("a", png(41, 40), "")})
+            assert body["error"]["code"] == "image_too_large"
+            body = post_checked(client, spec, path, 413, files={"image": ("a.png", png() + bytes(20_000), "")})
+            assert body["error"]["code"] == "payload_too_large"
+        body = post_checked(client, spec, EDITS, 413, json={"images": [{"image_url": data_url(png() + bytes(20_000))}]})
+        assert body["error"]["code"] == "payload_too_large"
+
+
+def test_live_edit_stream_conforms(settings: Settings, spec: dict[str, Any]) -> None:
+    data = {"prompt": "a cat", "n": "2", "stream": "true", "partial_images": "2", "response_format": "url"}
+    with TestClient(fake_app(settings)) as client:
+        response = client.post(EDITS, data=data, files={"image[]": ("a.png", png(64, 64), "image/png")})
+    check_response(spec, EDITS, "POST", response)
+    events = sse_events(response.text)
+    union = spec["paths"][EDITS]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    for i, (_, event) in enumerate(events):
+        errors = validate(event, union, spec, f"event[{i}]")
+        assert not errors, "edit stream event drifted from openapi.yaml:\n" + "\n".join(errors)
+    kinds = [event for event, _ in events]
+    assert kinds.count("image_edit.partial_image") == 4 and kinds.count("image_edit.completed") == 2, kinds
+    completed = [event for kind, event in events if kind == "image_edit.completed"]
+    assert all(e["usage"]["input_tokens_details"]["image_tokens"] == image_tokens(64, 64) for e in completed)
+
+
+def test_live_edit_stream_error_event_conforms(settings: Settings, spec: dict[str, Any]) -> None:
+    request = {"prompt": "a cat", "stream": True, "partial_images": 1, "images": [{"image_url": data_url(png())}]}
+    with TestClient(fake_app(settings, fail="after_partial")) as client:
+        response = client.post(EDITS, json=request)
+    check_response(spec, EDITS, "POST", response)
+    events = sse_events(response.text)
+    assert events and events[-1][0] == "error", f"the failed stream did not end with an error event: {events}"
+    errors = validate(events[-1][1], {"$ref": "#/components/schemas/ImageEditStreamEvent"}, spec, "error event")
+    assert not errors, "\n".join(errors)
+
+
+def test_live_variation_answers_conform(settings: Settings, spec: dict[str, Any]) -> None:
+    first, second = ("a.png", png(48, 32), "image/png"), ("b.png", png(), "image/png")
+    with TestClient(fake_app(settings)) as client:
+        body = post_checked(
+            client, spec, VARIATIONS, 200, data={"n": "2", "seed": "7"}, files=[("image", first), ("image", second)]
+        )
+        assert len(body["data"]) == 2 and (body["quality"], body["background"]) == ("high", "opaque")
+        assert body["usage"]["input_tokens_details"]["image_tokens"] == image_tokens(48, 32), "the first image is used"
+        post_checked(client, spec, VARIATIONS, 200, data={"response_format": "url"}, files={"image[]": first})
+        for kwargs, param in [
+            ({"data": {"stream": "true"}, "files": {"image": first}}, "stream"),
+            ({"files": {"other": ("x.txt", b"x", "text/plain")}}, "image"),
+            ({"json": {"image": data_url(png())}}, None),
+        ]:
+            body = post_checked(client, spec, VARIATIONS, 400, **kwargs)
+            assert body["error"]["param"] == param, (kwargs, body)
+        post_checked(client, spec, VARIATIONS, 404, data={"model": "nope"}, files={"image": first})
+
+
+def test_live_uploads_without_workers(app: Litestar, spec: dict[str, Any]) -> None:
+    with TestClient(app) as client:
+        for path, data in ((EDITS, {"prompt": "x"}), (VARIATIONS, {})):
+            response = client.post(path, data=data, files={"image": ("a.png", png(), "image/png")})
+            assert response.status_code == 503 and "retry-after" in response.headers, response.text
+            check_response(spec, path, "POST", response)

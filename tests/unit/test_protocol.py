@@ -189,8 +189,17 @@ def test_params_round_trip_and_work():
         output_compression=80,
         request_id="img_1",
     )
-    assert decode_params(encode_params(params)) == params
+    head = encode_params(params)
+    (length,) = FRAME_HEADER.unpack(head[: FRAME_HEADER.size])
+    assert length == len(head) - FRAME_HEADER.size
+    assert decode_params(head[FRAME_HEADER.size :]) == params
     assert params.work == 512 * 256 * 20 * 2
+
+
+def test_img2img_work_counts_only_the_steps_run():
+    base = {"model": "m", "prompt": "p", "width": 64, "height": 64, "steps": 20, "guidance": 7.5, "seed": 1}
+    assert GenerationParams(**base, task="img2img", strength=0.5).work == 64 * 64 * 10
+    assert GenerationParams(**base, task="inpaint", strength=0.5).work == 64 * 64 * 20
 
 
 # -- no torch in the gateway ------------------------------------------------------------------------------------
