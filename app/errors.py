@@ -78,6 +78,10 @@ class PayloadTooLarge(ApiError):
     type = "invalid_request_error"
     default_code = "payload_too_large"
 
+    def headers(self) -> dict[str, str]:
+        # Close the connection: otherwise the server keeps reading (and discarding) the rest of the body.
+        return {**super().headers(), "connection": "close"}
+
 
 class Overloaded(ApiError):
     status = 429

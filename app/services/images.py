@@ -306,6 +306,7 @@ class ImageService:
             strength = model.edit_strength_high_fidelity
         else:
             strength = model.edit_strength
+        steps = max(steps, math.ceil(1 / strength))  # diffusers runs int(steps x strength) steps: at least one
         params = GenerationParams(
             model=model.name,
             prompt=req.prompt or "",

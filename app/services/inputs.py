@@ -1,8 +1,10 @@
 """Input images of edits and variations: checked from their bytes, kept in temporary files, never trusted.
 
 An upload is accepted when its bytes are a PNG, JPEG or WebP (whatever its name or content type says), it is within
-the byte and pixel limits (the pixel count is read from the header, before anything is decoded), and it decodes
-without error. Width and height are reported as displayed, after the EXIF orientation.
+the byte and pixel limits (the pixel count is read from the header, before anything is decoded), and it is whole:
+a PNG's chunks all pass their CRC up to IEND, a JPEG decodes at 1/8 scale, a WebP's container is complete. None of
+this holds the full-size pixels in the gateway; the worker decodes them. Width and height are reported as displayed,
+after the EXIF orientation.
 """
 
 from __future__ import annotations
@@ -88,17 +90,17 @@ def inspect(file: BinaryIO, settings: Settings, param: str) -> InputImage:
                     param=param,
                     code="image_too_large",
                 )
-            if im.getexif().get(_ORIENTATION) in _TRANSPOSED:
+            if _orientation(im) in _TRANSPOSED:
                 width, height = height, width
             if fmt == "jpeg":
-                im.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # decode at 1/8 scale
-                im.load()
-            elif fmt == "webp":
+                im.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # decode at 1/8 scale: 1/64 the memory
                 im.load()
         if fmt == "png":
             file.seek(0)
             with Image.open(file, formats=["PNG"]) as png:
-                png.verify()  # every chunk's CRC and the image data's end, without holding the pixels
+                png.verify()  # every chunk's CRC and the image data's end, without inflating the pixels
+        elif fmt == "webp":
+            _check_riff(file, size)
     except InvalidRequest:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard, for headers far past any sane size
@@ -113,6 +115,33 @@ def inspect(file: BinaryIO, settings: Settings, param: str) -> InputImage:
         ) from None
     file.seek(0)
     return InputImage(file=file, size=size, format=fmt, width=width, height=height)
+
+
+def _orientation(im: Image.Image) -> int | None:
+    """The EXIF orientation from what the header gave; ``getexif()`` would decode a whole PNG to look further."""
+    raw = im.info.get("exif")
+    if im.format != "PNG":
+        return im.getexif().get(_ORIENTATION)
+    if not raw:
+        return None
+    exif = Image.Exif()
+    exif.load(raw)
+    return exif.get(_ORIENTATION)
+
+
+def _check_riff(file: BinaryIO, size: int) -> None:
+    """A WebP's container is whole: its RIFF length matches the file and its first chunk is a VP8 bitstream.
+
+    The pixels are decoded by the worker, not here, so the gateway's memory does not grow with the image.
+    """
+    file.seek(0)
+    head = file.read(16)
+    if (
+        len(head) < 16
+        or int.from_bytes(head[4:8], "little") + 8 != size
+        or head[12:16] not in (b"VP8 ", b"VP8L", b"VP8X")
+    ):
+        raise ValueError("truncated or malformed WebP container")
 
 
 def spool(data: bytes) -> BinaryIO:

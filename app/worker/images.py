@@ -12,9 +12,16 @@ from PIL import Image, ImageOps
 
 
 def load(data: bytes) -> Image.Image:
-    """Decode an input image, turned upright by its EXIF orientation."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
+    """Decode an input image, turned upright by its EXIF orientation.
+
+    Raises:
+        ValueError: the bytes do not decode (the job then fails as an invalid request).
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"an input image could not be decoded: {e}") from None
     return ImageOps.exif_transpose(image) or image
 
 

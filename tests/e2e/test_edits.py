@@ -51,18 +51,16 @@ def test_edit_with_a_single_file(sdk):
     assert [decode(d.b64_json).size for d in result.data] == [(64, 64), (64, 64)]
 
 
-def test_edit_with_a_mask_redraws_only_the_transparent_area(sdk):
-    source = png(colour=(200, 30, 30))
-    result = sdk.images.edit(
-        model=MODEL, image=("fox.png", source), mask=("mask.png", hole_mask()), prompt="a hole", size="128x96"
-    )
-    out = np.asarray(decode(result.data[0].b64_json).convert("RGB"), dtype=np.float64)
-    inside = out[36:60, 36:92]
-    outside = np.concatenate([out[:24].reshape(-1, 3), out[72:].reshape(-1, 3)])
-    assert out.shape == (96, 128, 3)
-    # Outside the hole the picture stays much closer to the red input than inside it.
-    red = np.array([200, 30, 30], dtype=np.float64)
-    assert np.abs(outside - red).mean() < np.abs(inside - red).mean()
+def test_edit_with_a_mask(sdk):
+    # Same seed and strength with and without the mask: only the mask differs, so the pictures must too. (What the
+    # mask means pixel by pixel is tested on the worker's own mask handling: this model's weights are random.)
+    common = {"model": MODEL, "prompt": "a hole", "size": "128x96", "extra_body": {"seed": 3, "strength": 1.0}}
+    masked = sdk.images.edit(image=("fox.png", png()), mask=("mask.png", hole_mask()), **common)
+    plain = sdk.images.edit(image=("fox.png", png()), **common)
+    again = sdk.images.edit(image=("fox.png", png()), mask=("mask.png", hole_mask()), **common)
+    assert decode(masked.data[0].b64_json).size == (128, 96)
+    assert masked.data[0].b64_json == again.data[0].b64_json
+    assert masked.data[0].b64_json != plain.data[0].b64_json
 
 
 def test_streamed_edit(sdk):
