@@ -16,10 +16,7 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,70 +24,11 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, children, proc_status_mb, start_server, stop
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 SIZE, STEPS = 256, 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry.name))
-            except (OSError, IndexError):
-                pass
-    return out
-
-
-def start_server(data_dir: Path) -> tuple[subprocess.Popen, str, float]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "app",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-    )
-    while True:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url, time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() - t0 > 300:
-            raise RuntimeError("server did not start")
-        time.sleep(0.05)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
 
 
 def main() -> None:
@@ -169,7 +107,7 @@ def main() -> None:
         }
 
         [worker] = children(proc.pid)
-        out["rss_mb"] = {"gateway": round(rss_mb(proc.pid), 1), "worker": round(rss_mb(worker), 1)}
+        out["rss_mb"] = {"gateway": round(proc_status_mb(proc.pid), 1), "worker": round(proc_status_mb(worker), 1)}
 
         # Inside the worker: a step's time vs a preview's decode (on the denoising thread) and encode (off it).
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
