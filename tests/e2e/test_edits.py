@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 import textwrap
@@ -85,15 +86,16 @@ def test_outpainting_grows_the_canvas(sdk):
 
 
 @pytest.mark.parametrize("field", ["image", "image[]"])
-def test_curl_style_multipart(server, field):
-    r = httpx.post(
-        f"{server.url}/v1/images/edits",
-        data={"model": MODEL, "prompt": "x", "n": "1", "size": "64x64", "stream": "false"},
-        files=[(field, ("upload", png(), "application/octet-stream"))],
-        timeout=60,
-    )
-    assert r.status_code == 200, r.text
-    assert decode(r.json()["data"][0]["b64_json"]).size == (64, 64)
+def test_curl_multipart(server, tmp_path, field):
+    (tmp_path / "fox.png").write_bytes(png())
+    done = subprocess.run(
+        ["curl", "-sS", "--fail-with-body", f"{server.url}/v1/images/edits",
+         "-F", f"model={MODEL}", "-F", "prompt=x", "-F", "n=1", "-F", "size=64x64", "-F", "stream=false",
+         "-F", f"{field}=@{tmp_path / 'fox.png'}"],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert decode(json.loads(done.stdout)["data"][0]["b64_json"]).size == (64, 64)
 
 
 def test_json_edit_with_a_data_url(server):
