@@ -8,7 +8,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from litestar import Litestar
@@ -17,9 +17,13 @@ from litestar.di import Provide
 from litestar.plugins.prometheus import PrometheusController
 
 from app import metrics
+from app.api.admin import AdminController
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.images import ImagesController, UploadsController
 from app.api.system import SystemController
+from app.auth.guard import Guard
+from app.auth.middleware import AuthMiddleware
+from app.auth.principals import Authenticator
 from app.backends.base import Backend
 from app.config import Settings
 from app.contract import bundled_yaml
@@ -28,18 +32,26 @@ from app.pool import State as BackendState
 from app.pool.remote import RemoteWorkers
 from app.pool.supervisor import Supervisor
 from app.services.images import ImageService
+from app.services.keys import KeyService
 from app.store.files import ImageFiles, load_or_create_secret
+from app.store.keys import SqliteStore, db_path
 
 log = logging.getLogger("imagegate")
 
 
-def create_app(settings: Settings, *, backends: Sequence[tuple[Backend, Sequence[str]]] | None = None) -> Litestar:
+def create_app(
+    settings: Settings,
+    *,
+    backends: Sequence[tuple[Backend, Sequence[str]]] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Litestar:
     """Build the gateway.
 
     Args:
         settings: the effective settings.
         backends: ``(backend, model names)`` pairs to serve from instead of spawning local workers (tests,
             benchmarks); they count as ready at once.
+        clock: wall-clock time for quotas, key expiry and usage (tests move it).
     """
 
     @contextlib.asynccontextmanager
@@ -60,12 +72,24 @@ def create_app(settings: Settings, *, backends: Sequence[tuple[Backend, Sequence
         else:
             for backend, models in backends:
                 pool.add(backend, models, state=BackendState.READY)
+        store = SqliteStore(db_path(data_dir))
+        guard = Guard(store, clock=clock)
+        images = ImageService(settings, pool, files, guard=guard)
         sweeper = asyncio.create_task(files.sweep_forever(), name="sweep-image-files")
-        state.update(pool=pool, files=files, images=ImageService(settings, pool, files), supervisor=supervisor)
+        state.update(
+            pool=pool,
+            files=files,
+            images=images,
+            supervisor=supervisor,
+            auth=Authenticator(settings, store, clock=clock),
+            keys=KeyService(store, clock=clock),
+        )
         try:
             yield
         finally:
             sweeper.cancel()
+            await guard.drain()
+            store.close()
             if supervisor is not None and remote is not None:
                 await remote.stop()
                 await supervisor.stop()
@@ -85,19 +109,20 @@ def create_app(settings: Settings, *, backends: Sequence[tuple[Backend, Sequence
 
     uploads = type("UploadsController", (UploadsController,), {"request_max_body_size": settings.max_upload_size})
     return Litestar(
-        route_handlers=[ImagesController, uploads, SystemController, PrometheusController],
+        route_handlers=[ImagesController, uploads, AdminController, SystemController, PrometheusController],
         lifespan=[lifespan],
         state=State({"settings": settings}),
         dependencies={
             "pool": from_state("pool"),
             "images": from_state("images"),
             "files": from_state("files"),
+            "keys": from_state("keys"),
             "started_at": Provide(lambda: started_at, sync_to_thread=False),
             "contract": Provide(lambda: contract, sync_to_thread=False),
             "settings": Provide(lambda: settings, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        middleware=[metrics.http.middleware],
+        middleware=[metrics.http.middleware, AuthMiddleware],
         request_max_body_size=settings.max_body_size,
         openapi_config=None,
         logging_config=None,

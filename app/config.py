@@ -94,6 +94,42 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return f"{self.min_side}-{self.max_side} px, multiples of {self.size_multiple}"
 
 
+QuotaPeriod = Literal["hour", "day", "month"]
+
+
+class Limits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a principal may do. Unset limits are unlimited; an empty ``models`` list allows no model."""
+
+    models: Annotated[list[str], _doc("Model name patterns this principal may use (`*` for all).")] = msgspec.field(
+        default_factory=lambda: ["*"]
+    )
+    rpm: Annotated[int | None, _doc("Image requests per minute (moving window).")] = None
+    max_concurrent: Annotated[int | None, _doc("Image requests in flight at once.")] = None
+    image_quota: Annotated[int | None, _doc("Images per quota_period.")] = None
+    quota_period: Annotated[QuotaPeriod, _doc("Calendar period (UTC) the image quota resets on.")] = "day"
+    expires_at: Annotated[str | None, _doc("ISO 8601 time after which the credential stops working.")] = None
+    active: Annotated[bool, _doc("False disables the credential.")] = True
+
+
+class ApiKeyConfig(Limits, kw_only=True, forbid_unknown_fields=True):
+    """A static API key from the configuration; its secret is given as a SHA-256 digest or in an env variable."""
+
+    id: Annotated[str, _doc("Stable identifier; usage is recorded under it.")]
+    alias: Annotated[str, _doc("Name shown in the admin API and metrics.")] = ""
+    key_sha256: Annotated[str, _doc("Hex SHA-256 of the key (`imagegate hash-key`).")] = ""
+    key_env: Annotated[str, _doc("Name of an environment variable holding the key itself.")] = ""
+    admin: Annotated[bool, _doc("The key may use the admin API.")] = False
+
+
+class UserConfig(Limits, kw_only=True, forbid_unknown_fields=True):
+    """A named user for HTTP Basic auth; the password is an argon2 hash or comes from an env variable."""
+
+    name: Annotated[str, _doc("User name (also the principal id).")]
+    password_hash: Annotated[str, _doc("argon2 hash of the password (`imagegate hash-password`).")] = ""
+    password_env: Annotated[str, _doc("Name of an environment variable holding the password itself.")] = ""
+    role: Annotated[Literal["user", "admin"], _doc("admin may use the admin API.")] = "user"
+
+
 def demo_model(data_dir: str) -> ModelConfig:
     """The embedded demo model served when no model is configured."""
     return ModelConfig(
@@ -154,6 +190,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = msgspec.field(default_factory=list)
     image_url_timeout: Annotated[float, _doc("Seconds allowed to fetch one image URL.")] = 10.0
     log_level: Annotated[Literal["debug", "info", "warning", "error"], _doc("Log verbosity.")] = "info"
+    admin_key: Annotated[str, _doc("Key for the admin API (better given as IMAGEGATE_ADMIN_KEY).")] = ""
+    api_keys: Annotated[list[ApiKeyConfig], _doc("Static API keys.")] = msgspec.field(default_factory=list)
+    users: Annotated[list[UserConfig], _doc("Users for HTTP Basic auth.")] = msgspec.field(default_factory=list)
+    allow_anonymous: Annotated[
+        bool, _doc("Serve without any credential on a non-loopback address (refused otherwise).")
+    ] = False
+    metrics_auth: Annotated[Literal["open", "admin"], _doc("Whether /metrics needs the admin credential.")] = "open"
 
     def resolved_models(self) -> list[ModelConfig]:
         return self.models or [demo_model(self.data_dir)]
@@ -179,7 +222,9 @@ def scalar_fields() -> dict[str, type]:
     for f in info.fields:  # type: ignore[attr-defined]
         t = f.type
         base = getattr(t, "type", t) if isinstance(t, msgspec.inspect.Metadata) else t
-        if isinstance(base, msgspec.inspect.StrType | msgspec.inspect.LiteralType):
+        if isinstance(base, msgspec.inspect.BoolType):
+            out[f.name] = bool
+        elif isinstance(base, msgspec.inspect.StrType | msgspec.inspect.LiteralType):
             out[f.name] = str
         elif isinstance(base, msgspec.inspect.IntType):
             out[f.name] = int
@@ -262,8 +307,35 @@ def load_settings(
     return settings
 
 
+def _validate_credentials(settings: Settings) -> None:
+    from datetime import datetime
+
+    ids: set[str] = set()
+    for k in settings.api_keys:
+        if k.id in ids:
+            raise ConfigError(f"api key {k.id!r} is configured twice")
+        ids.add(k.id)
+        if bool(k.key_sha256) == bool(k.key_env):
+            raise ConfigError(f"api key {k.id!r}: give exactly one of key_sha256 and key_env")
+        if k.key_sha256 and not re.fullmatch(r"[0-9a-f]{64}", k.key_sha256):
+            raise ConfigError(f"api key {k.id!r}: key_sha256 must be 64 hex digits")
+    for u in settings.users:
+        if bool(u.password_hash) == bool(u.password_env):
+            raise ConfigError(f"user {u.name!r}: give exactly one of password_hash and password_env")
+    for who, limits in [
+        *((f"api key {k.id!r}", k) for k in settings.api_keys),
+        *((f"user {u.name!r}", u) for u in settings.users),
+    ]:
+        if limits.expires_at:
+            try:
+                datetime.fromisoformat(limits.expires_at)
+            except ValueError:
+                raise ConfigError(f"{who}: expires_at {limits.expires_at!r} is not an ISO 8601 time") from None
+
+
 def validate(settings: Settings) -> None:
-    """Check what the types alone cannot: unique names, sizes, known schedulers."""
+    """Check what the types alone cannot: unique names, sizes, known schedulers, credentials."""
+    _validate_credentials(settings)
     seen: set[str] = set()
     for m in settings.resolved_models():
         where = f"model {m.name!r}"

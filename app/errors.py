@@ -6,10 +6,14 @@ Every failure a client can see is an :class:`ApiError`. It renders as OpenAI's e
 
     ApiError (500 server_error)
     ├── InvalidRequest     400 invalid_request_error   a field is missing, malformed or out of range (param names it)
+    ├── Unauthorized       401 invalid_request_error   missing, unknown, expired or revoked credential
+    ├── PermissionDenied   403 permission_error        model not allowed for the key, or not an admin
     ├── NotFound           404 invalid_request_error   unknown route or model
     ├── MethodNotAllowed   405 invalid_request_error
     ├── PayloadTooLarge    413 invalid_request_error
     ├── Overloaded         429 rate_limit_error        the model's queue is full (Retry-After)
+    ├── RateLimited        429 rate_limit_error        the key's requests per minute or concurrency (Retry-After)
+    ├── QuotaExceeded      429 insufficient_quota      the key's image quota is spent (x-should-retry: false)
     ├── Unavailable        503 server_error            no worker is ready for the model (Retry-After)
     ├── BackendFailed      502 server_error            a worker failed or vanished mid-request
     ├── OutOfMemory        503 server_error            the device ran out of memory for this request
@@ -63,6 +67,17 @@ class InvalidRequest(ApiError):
     type = "invalid_request_error"
 
 
+class Unauthorized(ApiError):
+    status = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(ApiError):
+    status = 403
+    type = "permission_error"
+
+
 class NotFound(ApiError):
     status = 404
     type = "invalid_request_error"
@@ -87,6 +102,22 @@ class Overloaded(ApiError):
     status = 429
     type = "rate_limit_error"
     default_code = "queue_full"
+
+
+class RateLimited(ApiError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(ApiError):
+    status = 429
+    type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+    def headers(self) -> dict[str, str]:
+        # The SDKs retry 429s unless told not to; a spent quota will not come back in seconds.
+        return {**super().headers(), "x-should-retry": "false"}
 
 
 class Unavailable(ApiError):

@@ -47,3 +47,18 @@ QUEUE_DEPTH = Gauge("imagegate_queue_depth", "Admitted requests not yet started 
 WORKERS_UP = Gauge("imagegate_workers_up", "Ready workers serving the model.", ["model"])
 BACKEND_UP = Gauge("imagegate_backend_up", "1 when the backend is ready, else 0.", ["backend"])
 WORKER_RESTARTS = Counter("imagegate_worker_restarts_total", "Local worker processes restarted.", ["backend"])
+AUTH_FAILURES = Counter(
+    "imagegate_auth_failures_total",
+    "Requests refused for their credential, by reason (missing, malformed, unknown, expired, revoked, bad_password).",
+    ["reason"],
+)
+LIMIT_REJECTIONS = Counter(
+    "imagegate_limit_rejections_total",
+    "Requests refused by a principal's limits, by kind (model, rpm, concurrency, quota, admin).",
+    ["kind"],
+)
+KEY_IMAGES = Counter(
+    "imagegate_key_images_total",
+    "Images delivered per key alias (the first 100 aliases seen; the rest count as 'other').",
+    ["key"],
+)

@@ -31,8 +31,8 @@ class ImagesController(Controller):
         self, request: Request, data: ImageGenerateRequest, images: ImageService, settings: Settings
     ) -> ASGIApp:
         if data.stream:
-            return sse.event_stream(images.stream(data), settings.sse_ping_interval)
-        return _json(await unless_disconnected(request, images.generate(data, base_url(request))))
+            return sse.event_stream(await images.stream(data, request.user), settings.sse_ping_interval)
+        return _json(await unless_disconnected(request, images.generate(data, base_url(request), request.user)))
 
 
 class UploadsController(Controller):
@@ -44,14 +44,13 @@ class UploadsController(Controller):
     async def edits(self, request: Request, images: ImageService, settings: Settings) -> ASGIApp:
         edit = await uploads.read_edit(request, settings)
         if edit.fields.stream:
-            return sse.event_stream(images.edit_stream(edit.fields, edit.images, edit.mask), settings.sse_ping_interval)
-        return _json(
-            await unless_disconnected(request, images.edit(edit.fields, edit.images, edit.mask, base_url(request)))
-        )
+            stream = await images.edit_stream(edit.fields, edit.images, edit.mask, request.user)
+            return sse.event_stream(stream, settings.sse_ping_interval)
+        work = images.edit(edit.fields, edit.images, edit.mask, base_url(request), request.user)
+        return _json(await unless_disconnected(request, work))
 
     @post("/variations", status_code=200, operation_id="imageVariation")
     async def variations(self, request: Request, images: ImageService, settings: Settings) -> ASGIApp:
         upload = await uploads.read_variation(request, settings)
-        return _json(
-            await unless_disconnected(request, images.variation(upload.fields, upload.images, base_url(request)))
-        )
+        work = images.variation(upload.fields, upload.images, base_url(request), request.user)
+        return _json(await unless_disconnected(request, work))

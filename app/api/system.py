@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import msgspec
-from litestar import Controller, MediaType, Response, get
+from litestar import Controller, MediaType, Request, Response, get
 from litestar.response import File
 
 from app.errors import NotFound
@@ -44,12 +44,13 @@ class SystemController(Controller):
         return Response(body, status_code=200 if pool.is_ready() else 503)
 
     @get("/v1/models", operation_id="listModels")
-    async def list_models(self, pool: Pool, started_at: int) -> ModelList:
-        return ModelList(data=[Model(id=name, created=started_at) for name in pool.models])
+    async def list_models(self, request: Request, pool: Pool, started_at: int) -> ModelList:
+        usable = [name for name in pool.models if request.user.allows(name)]
+        return ModelList(data=[Model(id=name, created=started_at) for name in usable])
 
     @get("/v1/models/{model_id:str}", operation_id="retrieveModel")
-    async def retrieve_model(self, model_id: str, pool: Pool, started_at: int) -> Model:
-        if model_id not in pool.models:
+    async def retrieve_model(self, request: Request, model_id: str, pool: Pool, started_at: int) -> Model:
+        if model_id not in pool.models or not request.user.allows(model_id):
             raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
         return Model(id=model_id, created=started_at)
 

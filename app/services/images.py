@@ -10,9 +10,11 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from app import metrics
+from app.auth.guard import Guard, Ticket
+from app.auth.principals import ANONYMOUS, Principal
 from app.config import ModelConfig, Settings
 from app.errors import (
     ApiError,
@@ -74,7 +76,7 @@ TASK_NAMES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Job:
     """A validated request: what the worker runs, the input files it needs, and how the answer is shaped."""
 
@@ -86,6 +88,8 @@ class Job:
     background: str = "opaque"
     inputs: tuple[InputImage, ...] = ()
     """The image (then the mask) sent to the worker after the params; closed when the job ends."""
+    ticket: Ticket | None = None
+    """The principal's hold on its limits; finished with the delivered usage when the job ends."""
 
     def usage(self, prompt_tokens: int, images: int) -> ImagesUsage:
         out = image_tokens(self.params.width, self.params.height) * images
@@ -101,15 +105,31 @@ class Job:
         for i in self.inputs:
             i.close()
 
+    def finish(self, images: int = 0) -> None:
+        """Close the inputs and release the principal's hold, charging ``images`` delivered images."""
+        self.close()
+        if self.ticket is not None:
+            p = self.params
+            steps = p.steps * (p.strength or 1.0) if p.task == "img2img" else p.steps
+            self.ticket.finish(images, int(images * p.width * p.height * steps))
+
 
 class ImageService:
     """Generations, edits and variations: answered at once, or streamed as partial and completed events."""
 
-    def __init__(self, settings: Settings, pool: Pool, files: ImageFiles, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        settings: Settings,
+        pool: Pool,
+        files: ImageFiles,
+        clock: Callable[[], float] = time.time,
+        guard: Guard | None = None,
+    ):
         self.settings = settings
         self.pool = pool
         self.files = files
         self.clock = clock
+        self.guard = guard
         self._models = {m.name: m for m in settings.resolved_models()}
         for name in self._models:  # every series exists from the start, so rates and alerts see zeros
             for outcome in ("success", "error", "cancelled", "rejected"):
@@ -394,12 +414,15 @@ class ImageService:
 
     # -- running ------------------------------------------------------------------------------------------------
 
-    async def _run(self, job: Job, lease: Lease) -> AsyncIterator[WorkerEvent]:
-        """The backend's events for ``job``, with metrics, the deadline and failures mapped to :class:`ApiError`."""
+    async def _run(self, job: Job, lease: Lease, *, streamed: bool = False) -> AsyncIterator[WorkerEvent]:
+        """The backend's events for ``job``, with metrics, the deadline and failures mapped to :class:`ApiError`.
+
+        Usage charges the images delivered: all of them on success; on a failure, those a stream already sent.
+        """
         model = job.params.model
         deadline = lease.admitted_at + self.settings.request_timeout
         events = lease.member.backend.generate(job.params, [i.file for i in job.inputs])
-        outcome, first_partial = "error", True
+        outcome, first_partial, delivered = "error", True, 0
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -418,6 +441,8 @@ class ImageService:
                     metrics.FIRST_PARTIAL_SECONDS.labels(model).observe(time.monotonic() - lease.admitted_at)
                 elif isinstance(event, Failed):
                     raise from_worker(event)
+                elif isinstance(event, Image):
+                    delivered += 1
                 yield event
                 if isinstance(event, Done):
                     outcome = "success"
@@ -432,32 +457,57 @@ class ImageService:
             raise
         finally:
             await events.aclose()
-            job.close()
+            job.finish(delivered if outcome == "success" or streamed else 0)
             lease.release(succeeded=outcome == "success")
             metrics.IMAGES.labels(model, outcome).inc(job.params.n)
 
-    async def generate(self, req: ImageGenerateRequest, base_url: str) -> ImagesResponse:
+    async def generate(
+        self, req: ImageGenerateRequest, base_url: str, principal: Principal = ANONYMOUS
+    ) -> ImagesResponse:
         """Run a generation to the end and return every image at once."""
-        return await self.respond(self.prepare(req), base_url)
+        return await self.respond(self.prepare(req), base_url, principal)
 
-    def stream(self, req: ImageGenerateRequest) -> EventStream:
+    async def stream(self, req: ImageGenerateRequest, principal: Principal = ANONYMOUS) -> EventStream:
         """Validate and admit now (so errors get their HTTP status); the events follow from the returned stream."""
-        return self.open_stream(self.prepare(req))
+        return await self.open_stream(self.prepare(req), principal)
 
     async def edit(
-        self, req: ImageEditRequest, images: list[InputImage], mask: InputImage | None, base_url: str
+        self,
+        req: ImageEditRequest,
+        images: list[InputImage],
+        mask: InputImage | None,
+        base_url: str,
+        principal: Principal = ANONYMOUS,
     ) -> ImagesResponse:
-        return await self.respond(self.prepare_edit(req, images, mask), base_url)
+        return await self.respond(self.prepare_edit(req, images, mask), base_url, principal)
 
-    def edit_stream(self, req: ImageEditRequest, images: list[InputImage], mask: InputImage | None) -> EventStream:
-        return self.open_stream(self.prepare_edit(req, images, mask))
+    async def edit_stream(
+        self, req: ImageEditRequest, images: list[InputImage], mask: InputImage | None, principal: Principal = ANONYMOUS
+    ) -> EventStream:
+        return await self.open_stream(self.prepare_edit(req, images, mask), principal)
 
-    async def variation(self, req: ImageVariationRequest, images: list[InputImage], base_url: str) -> ImagesResponse:
-        return await self.respond(self.prepare_variation(req, images), base_url)
+    async def variation(
+        self, req: ImageVariationRequest, images: list[InputImage], base_url: str, principal: Principal = ANONYMOUS
+    ) -> ImagesResponse:
+        return await self.respond(self.prepare_variation(req, images), base_url, principal)
 
-    async def respond(self, job: Job, base_url: str) -> ImagesResponse:
+    async def _admit(self, job: Job, principal: Principal) -> tuple[Job, Lease]:
+        """The principal's limits first, then a place on a backend; on refusal everything is given back."""
+        ticket = None
+        try:
+            if self.guard is not None:
+                ticket = await self.guard.admit(principal, job.params.model, job.params.n)
+            lease = self.admit(job)
+        except BaseException:
+            if ticket is not None:
+                ticket.finish()
+            job.close()
+            raise
+        return replace(job, ticket=ticket), lease
+
+    async def respond(self, job: Job, base_url: str, principal: Principal = ANONYMOUS) -> ImagesResponse:
         """Run ``job`` to the end and return every image at once."""
-        lease = self.admit(job)
+        job, lease = await self._admit(job, principal)
         images: dict[int, bytes] = {}
         prompt_tokens = 0
         async for event in self._run(job, lease):
@@ -484,8 +534,8 @@ class ImageService:
             usage=job.usage(prompt_tokens, len(images)),
         )
 
-    def open_stream(self, job: Job) -> EventStream:
-        lease = self.admit(job)
+    async def open_stream(self, job: Job, principal: Principal = ANONYMOUS) -> EventStream:
+        job, lease = await self._admit(job, principal)
         return EventStream(self._stream(job, lease), job, lease)
 
     async def _stream(self, job: Job, lease: Lease) -> AsyncIterator[StreamEvent]:
@@ -498,7 +548,7 @@ class ImageService:
             "output_format": p.output_format,
         }
         # aclosing: when the client goes away, the job's stop must reach the backend now, not at garbage collection.
-        async with contextlib.aclosing(self._run(job, lease)) as events:
+        async with contextlib.aclosing(self._run(job, lease, streamed=True)) as events:
             async for event in events:
                 if isinstance(event, Started):
                     prompt_tokens = event.prompt_tokens
@@ -539,7 +589,7 @@ class EventStream:
 
     async def aclose(self) -> None:
         await self._events.aclose()  # type: ignore[attr-defined]
-        self._job.close()
+        self._job.finish()  # a no-op for the ticket if the stream ran: its end already finished it
         if not self._lease.released:
             self._lease.release(succeeded=False)
             metrics.IMAGES.labels(self._job.params.model, "cancelled").inc(self._job.params.n)

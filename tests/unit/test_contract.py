@@ -1,20 +1,25 @@
 """The API contract (``openapi.yaml`` + ``schemas/``) against the code, so that neither drifts from the other.
 
 Static checks: the bundle resolves, the routes are the contract's paths, the handlers' parameters, bodies and
-operation ids are the contract's, every wire struct has the same fields, required-ness, types, constraints and
-enums as the contract's schema of the same name, and the upload routes' multipart and JSON bodies are the structs
-they are decoded into (plus their file parts). Live checks: what the app actually answers (JSON, SSE frames,
-errors, headers) validates against the contract. No torch: the backend is :class:`FakeBackend`.
+operation ids and success statuses are the contract's, every wire struct has the same fields, required-ness, types,
+constraints and enums as the contract's schema of the same name, the upload routes' multipart and JSON bodies are
+the structs they are decoded into (plus their file parts), and each operation's ``security`` is what the auth
+middleware enforces on its path. Live checks: what the app actually answers (JSON, SSE frames, errors, headers),
+anonymous and with credentials (admin key, virtual keys in every header, Basic users, per-key limits, the admin
+API), validates against the contract. No torch: the backend is :class:`FakeBackend`.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import re
+import time
 import typing
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +34,30 @@ from app import contract
 from app.api import uploads
 from app.api.system import Readiness, ReadyBackend
 from app.asgi import create_app
+from app.auth import middleware
+from app.auth.principals import KEY_PREFIX, hash_password
 from app.backends.fake import FakeBackend
 from app.config import DEMO_MODEL, Settings, load_settings
 from app.errors import ErrorBody, ErrorEvent, ErrorResponse
+from app.protocol import admin as admin_protocol
 from app.protocol import images as protocol
 from app.worker.protocol import SCHEDULERS
 
-# Every struct of app.protocol.images is a public wire type, so every one of them must be in the contract.
-PROTOCOL_STRUCTS: list[type[msgspec.Struct]] = [
-    obj
-    for obj in vars(protocol).values()
-    if isinstance(obj, type) and issubclass(obj, msgspec.Struct) and obj.__module__ == protocol.__name__
-]
+
+def module_structs(module: Any) -> list[type[msgspec.Struct]]:
+    return [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, msgspec.Struct) and obj.__module__ == module.__name__
+    ]
+
+
+# Every struct of app.protocol.images and app.protocol.admin is a public wire type, so each must be in the contract.
+PROTOCOL_STRUCTS = module_structs(protocol)
+ADMIN_STRUCTS = module_structs(admin_protocol)
 WIRE_STRUCTS: list[type[msgspec.Struct]] = [
     *PROTOCOL_STRUCTS,
+    *ADMIN_STRUCTS,
     ErrorResponse,
     ErrorBody,
     ErrorEvent,
@@ -56,6 +71,8 @@ REQUEST_STRUCTS = {
     protocol.ImageRef,
     protocol.ImageEditJsonRequest,
     protocol.ImageVariationRequest,
+    admin_protocol.KeyCreate,
+    admin_protocol.KeyUpdate,
 }
 # Routes that read their body themselves (app/api/uploads.py) instead of through a ``data`` argument:
 # operationId -> {media type: (the contract's body schema, the struct app/api/uploads.py decodes it into)}.
@@ -98,6 +115,24 @@ CONSTRAINT_KEYS = (
     "multipleOf",
     "format",
 )
+# Of those, the ones the contract may add to a field the server only sends (as it may add an ``enum``): the
+# live checks hold the answers to them.
+NARROWING_KEYS = ("pattern", "format")
+
+# The credential alternatives of each kind of route (components.securitySchemes), as app/auth/middleware.py and
+# app/auth/principals.py enforce them: any credential on /v1, an admin's (never a virtual key, so not x-bf-vk) on
+# /admin, open or an admin's on /metrics, nothing elsewhere.
+ANY_CREDENTIAL = [{"BearerAuth": []}, {"BasicAuth": []}, {"VirtualKeyAuth": []}, {"ApiKeyAuth": []}]
+ADMIN_CREDENTIAL = [{"BearerAuth": []}, {"ApiKeyAuth": []}, {"BasicAuth": []}]
+SECURITY_SCHEMES = {
+    "BearerAuth": {"type": "http", "scheme": "bearer"},
+    "BasicAuth": {"type": "http", "scheme": "basic"},
+    "VirtualKeyAuth": {"type": "apiKey", "in": "header", "name": "x-bf-vk"},
+    "ApiKeyAuth": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+}
+# Headers whose meaning a client must be told: when the app sends one, the contract must declare it.
+DECLARED_HEADERS = ("retry-after", "www-authenticate", "x-should-retry")
+ADMIN_KEY = "sk-test-admin"
 
 
 # -- fixtures -----------------------------------------------------------------------------------------------------
@@ -251,7 +286,8 @@ def shape_diff(code: dict[str, Any], spec: dict[str, Any], *, narrowing: bool) -
     """``{keyword: (code's, contract's)}`` where they differ.
 
     With ``narrowing`` (schemas the server only sends), the contract may list the values a plain ``str`` field
-    actually takes as an ``enum``, as long as they have the field's type.
+    actually takes as an ``enum``, as long as they have the field's type, and may state a ``pattern`` or ``format``
+    the code does not (the live checks hold the answers to both).
     """
     code, spec = dict(code), dict(spec)
     if narrowing and "enum" in spec and "enum" not in code:
@@ -264,7 +300,7 @@ def shape_diff(code: dict[str, Any], spec: dict[str, Any], *, narrowing: bool) -
         if key in ("items", "additionalProperties") and a is not None and b is not None:
             for sub, pair in shape_diff(a, b, narrowing=narrowing).items():
                 diff[f"{key}.{sub}"] = pair
-        elif a != b:
+        elif a != b and not (narrowing and key in NARROWING_KEYS and a is None):
             diff[key] = (
                 sorted(a, key=str) if isinstance(a, set) else a,
                 sorted(b, key=str) if isinstance(b, set) else b,
@@ -309,6 +345,10 @@ def validate(value: Any, schema: dict[str, Any], spec: dict[str, Any], where: st
     if isinstance(value, str):
         if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", len(value)):
             errors.append(f"{where}: length {len(value)} is outside the contract's bounds")
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            errors.append(f"{where}: {value!r:.60} does not match the contract's pattern {schema['pattern']!r}")
+        if schema.get("format") == "date-time" and not is_date_time(value):
+            errors.append(f"{where}: {value!r} is not an RFC 3339 date-time")
     elif isinstance(value, int | float) and not isinstance(value, bool):
         if value < schema.get("minimum", value) or value > schema.get("maximum", value):
             errors.append(f"{where}: {value} is outside the contract's bounds")
@@ -329,6 +369,17 @@ def validate(value: Any, schema: dict[str, Any], spec: dict[str, Any], where: st
     return errors
 
 
+def is_date_time(value: str) -> bool:
+    """RFC 3339 ``date-time``: a full date and time with a ``Z`` or numeric offset."""
+    if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", value):
+        return False
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
 def check_response(spec: dict[str, Any], path: str, method: str, response: Any) -> Any:
     """Assert the contract declares ``response`` (status, media type, headers) and its JSON body conforms."""
     op = operation(spec, path, method)
@@ -340,8 +391,11 @@ def check_response(spec: dict[str, Any], path: str, method: str, response: Any) 
     )
     if "$ref" in declared:
         declared = resolve(spec, declared["$ref"])
-    media = response.headers.get("content-type", "").split(";")[0].strip()
     content = declared.get("content", {})
+    if not content:
+        assert not response.content, f"{method} {path} {status} has a body; openapi.yaml declares none"
+        return None
+    media = response.headers.get("content-type", "").split(";")[0].strip()
     assert media in content, (
         f"{method} {path} {status} answered {media!r}, but openapi.yaml declares only {sorted(content)}"
     )
@@ -349,8 +403,13 @@ def check_response(spec: dict[str, Any], path: str, method: str, response: Any) 
     for name, header in headers.items():
         if header.get("required"):
             assert name in response.headers, f"{method} {path} {status} lacks the required header {name}"
-    if "retry-after" in response.headers:
-        assert "retry-after" in headers, f"{method} {path} {status} sends Retry-After; openapi.yaml does not say so"
+    for name in DECLARED_HEADERS:
+        if name in response.headers:
+            assert name in headers, f"{method} {path} {status} sends {name}; openapi.yaml does not say so"
+            enum = headers[name].get("schema", {}).get("enum")
+            assert enum is None or response.headers[name] in enum, (
+                f"{method} {path} {status} sends {name}: {response.headers[name]}, not one of {enum}"
+            )
     body = response.json() if media == "application/json" else None
     if body is not None:
         errors = validate(body, content[media]["schema"], spec)
@@ -406,9 +465,53 @@ def test_bundle_resolves(spec: dict[str, Any]) -> None:
     assert not problems, "the bundled contract has broken references:\n" + "\n".join(problems)
     assert spec["openapi"] == "3.1.0"
     assert spec["info"]["title"] == "imagegate"
-    secured = [path for path, item in spec["paths"].items() for op in item.values() if "security" in op]
-    assert "security" not in spec and "securitySchemes" not in spec["components"], "no auth is implemented"
-    assert not secured, f"operations that declare security, though no auth is implemented: {secured}"
+
+
+def test_security_schemes(spec: dict[str, Any]) -> None:
+    schemes = spec["components"]["securitySchemes"]
+    assert set(schemes) == set(SECURITY_SCHEMES), f"securitySchemes are {sorted(schemes)}"
+    for name, expected in SECURITY_SCHEMES.items():
+        declared = {k: v for k, v in schemes[name].items() if k != "description"}
+        assert declared == expected, f"{name} is {declared} in openapi.yaml, {expected} in app/auth/principals.py"
+        assert schemes[name].get("description"), f"{name} must say what it accepts"
+    assert "security" not in spec, "each operation declares its own security; no global default"
+
+
+def example_path(path: str) -> str:
+    """A concrete request path for an OpenAPI path template."""
+    return re.sub(r"\{\w+\}", "x", path)
+
+
+def test_operation_security(spec: dict[str, Any]) -> None:
+    """Each operation's ``security`` is what app/auth/middleware.py enforces on its path, and its refusals
+    (401, 403) are declared where they can happen."""
+    problems = []
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            if method not in HTTP_METHODS:
+                continue
+            where = f"{method.upper()} {path}"
+            default = middleware._protected(example_path(path), metrics_admin=False)
+            when_admin = middleware._protected(example_path(path), metrics_admin=True)
+            if default != when_admin:  # /metrics: open by default, an admin's with metrics_auth = admin
+                expected, refusals = [{}, *ADMIN_CREDENTIAL], {"401": "Unauthorized", "403": "AdminRequired"}
+            elif default == (True, True):
+                expected, refusals = ADMIN_CREDENTIAL, {"401": "Unauthorized", "403": "AdminRequired"}
+            elif default == (True, False):
+                expected, refusals = ANY_CREDENTIAL, {"401": "Unauthorized"}
+                if path.startswith("/v1/images/"):
+                    refusals |= {"403": "ModelNotAllowed", "429": "TooManyRequests"}
+            else:
+                expected, refusals = [], {}
+            if op.get("security") != expected:
+                problems.append(f"{where}: security is {op.get('security')!r}, the middleware enforces {expected!r}")
+            for status, name in refusals.items():
+                found = ref_name(op["responses"].get(status, {}))
+                if found != name:
+                    problems.append(f"{where}: {status} is {found!r} in openapi.yaml, {name!r} expected")
+            if not refusals and {"401", "403"} & set(op["responses"]):
+                problems.append(f"{where}: an open route declares 401 or 403")
+    assert not problems, "security drifted from app/auth:\n" + "\n".join(problems)
 
 
 def test_examples_conform(spec: dict[str, Any]) -> None:
@@ -416,6 +519,10 @@ def test_examples_conform(spec: dict[str, Any]) -> None:
     for where, node in walk(spec):
         if "example" in node and "schema" in node:
             problems += [f"{where}: {e}" for e in validate(node["example"], node["schema"], spec)]
+        if isinstance(node.get("examples"), dict) and "schema" in node:
+            for name, example in node["examples"].items():
+                value = example["value"]
+                problems += [f"{where}/examples/{name}: {e}" for e in validate(value, node["schema"], spec)]
     assert not problems, "examples in openapi.yaml that do not match their own schema:\n" + "\n".join(problems)
 
 
@@ -483,13 +590,23 @@ def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
             if code_body != ref_name(body):
                 problems.append(f"{where}: request body is {ref_name(body)!r} in openapi.yaml, {code_body!r} in code")
 
-        # 200 body, where the handler declares a struct (``Model`` or ``Response[Readiness]``).
+        # The handler's success status (200, 201 for a create, 204 for a delete) is the contract's only 2xx.
+        status = str(handler.status_code)
+        successes = sorted(code for code in op["responses"] if code.startswith("2"))
+        if successes != [status]:
+            problems.append(f"{where}: success statuses are {successes} in openapi.yaml, [{status!r}] in code")
+        # Its body, where the handler declares a struct (``Model`` or ``Response[Readiness]``); none for a 204.
         returned = handler.parsed_fn_signature.return_type.annotation
         struct = typing.get_args(returned)[0] if typing.get_origin(returned) is Response else returned
+        declared = op["responses"].get(status, {})
         if isinstance(struct, type) and issubclass(struct, msgspec.Struct):
-            ok = op["responses"].get("200", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            ok = declared.get("content", {}).get("application/json", {}).get("schema", {})
             if ref_name(ok) != struct.__name__:
-                problems.append(f"{where}: 200 body is {ref_name(ok)!r} in openapi.yaml, {struct.__name__!r} in code")
+                problems.append(
+                    f"{where}: {status} body is {ref_name(ok)!r} in openapi.yaml, {struct.__name__!r} in code"
+                )
+        if status == "204" and (returned not in (None, type(None)) or "content" in declared):
+            problems.append(f"{where}: a 204 has no body, but the handler returns {returned!r} or the contract one")
     assert not problems, "operations drifted:\n" + "\n".join(problems)
 
 
@@ -544,8 +661,12 @@ def struct_problems(struct: type[msgspec.Struct], schema: dict[str, Any], *, req
         diff = shape_diff(shape(code_schema), shape(props[field]), narrowing=not request)
         problems += [f"{name}.{field}: {key} is {a!r} in code, {b!r} in the contract" for key, (a, b) in diff.items()]
         if request:
-            # A default the server applies by itself (n=1, stream=false) must be in the contract, and only those.
+            # A default the server applies by itself (n=1, stream=false, models=['*']) must be in the contract,
+            # and only those; msgspec's schema leaves out the ones made by a default_factory.
             default = code_schema.get("default")
+            factory = fields[field].default_factory
+            if "default" not in code_schema and factory is not msgspec.NODEFAULT:
+                default = msgspec.to_builtins(factory())
             if props[field].get("default") != default:
                 problems.append(
                     f"{name}.{field}: default is {default!r} in code, {props[field].get('default')!r} in the contract"
@@ -902,3 +1023,255 @@ def test_live_uploads_without_workers(app: Litestar, spec: dict[str, Any]) -> No
             response = client.post(path, data=data, files={"image": ("a.png", png(), "image/png")})
             assert response.status_code == 503 and "retry-after" in response.headers, response.text
             check_response(spec, path, "POST", response)
+
+
+# -- 6. authentication, limits and the admin API, live ------------------------------------------------------------
+
+GEN = "/v1/images/generations"
+KEYS = "/admin/keys"
+KEY = "/admin/keys/{key_id}"
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def secured_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings with the admin key configured, so the gateway is not in anonymous mode."""
+    return load_settings(environ={}, overrides={"data_dir": str(tmp_path), "admin_key": ADMIN_KEY, **overrides})
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def call_checked(
+    client: TestClient,
+    spec: dict[str, Any],
+    method: str,
+    path: str,
+    status: int,
+    template: str | None = None,
+    **kw: Any,
+) -> Any:
+    """Send, assert the status, check the answer against the contract (at ``template``) and return its JSON body."""
+    response = client.request(method, path, **kw)
+    assert response.status_code == status, (method, path, kw.get("headers"), response.text[:300])
+    return check_response(spec, template or path, method, response)
+
+
+def refused(
+    client: TestClient, spec: dict[str, Any], method: str, path: str, status: int, code: str, **kw: Any
+) -> dict[str, Any]:
+    """Like :func:`call_checked` for a refusal with ``code``; returns the error object."""
+    body = call_checked(client, spec, method, path, status, **kw)
+    assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+def create_key(client: TestClient, spec: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return call_checked(client, spec, "POST", KEYS, 201, json={"alias": "test", **fields}, headers=ADMIN)
+
+
+def test_live_refusals_conform(tmp_path: Path, spec: dict[str, Any]) -> None:
+    upload = {"image": ("a.png", png(), "image/png")}
+    with TestClient(fake_app(secured_settings(tmp_path))) as client:
+        # Open routes need nothing, even with credentials configured.
+        for path in ("/health", "/ready", "/metrics", "/openapi.yaml"):
+            response = client.get(path)
+            assert response.status_code == 200, (path, response.text[:200])
+            if path != "/openapi.yaml":
+                check_response(spec, path, "GET", response)
+
+        # Every /v1 operation: no credential, an unknown one, a malformed header, the admin key where only virtual
+        # keys go: 401 invalid_api_key with WWW-Authenticate.
+        calls: list[tuple[str, str, str, dict[str, Any]]] = [
+            ("GET", "/v1/models", "/v1/models", {}),
+            ("GET", f"/v1/models/{DEMO_MODEL}", "/v1/models/{model_id}", {}),
+            ("POST", GEN, GEN, {"json": {"prompt": "a cat"}}),
+            ("POST", EDITS, EDITS, {"data": {"prompt": "a cat"}, "files": upload}),
+            ("POST", VARIATIONS, VARIATIONS, {"files": upload}),
+        ]
+        for method, path, template, kw in calls:
+            for headers in ({}, bearer("sk-ig-nope"), {"authorization": "Token x"}, {"x-bf-vk": ADMIN_KEY}):
+                error = refused(
+                    client, spec, method, path, 401, "invalid_api_key", template=template, **kw, headers=headers
+                )
+                assert error["type"] == "invalid_request_error"
+            response = client.request(method, path, **kw)
+            assert response.headers["www-authenticate"] == 'Bearer realm="imagegate"'
+        # The admin key works as Bearer and as x-api-key.
+        for headers in (ADMIN, {"x-api-key": ADMIN_KEY}):
+            call_checked(client, spec, "GET", "/v1/models", 200, headers=headers)
+            call_checked(client, spec, "POST", GEN, 200, json={"prompt": "a cat", "size": "64x64"}, headers=headers)
+        refused(client, spec, "GET", KEYS, 401, "invalid_api_key")
+
+
+def test_live_admin_api_conforms(tmp_path: Path, spec: dict[str, Any]) -> None:
+    with TestClient(fake_app(secured_settings(tmp_path))) as client:
+        created = create_key(client, spec, models=["imagegate-*"], rpm=60, image_quota=100, expires_at="2999-01-01")
+        key, key_id = created["key"], created["id"]
+        assert key.startswith(KEY_PREFIX) and len(key) == len(KEY_PREFIX) + 43 and created["prefix"] == key[:10]
+        assert (created["quota_period"], created["active"], created["revoked_at"]) == ("day", True, None)
+        assert created["usage"] == created["period_usage"] == {"requests": 0, "images": 0, "pixel_steps": 0}
+        path = f"{KEYS}/{key_id}"
+
+        # The secret is shown once: KeyView and KeyList are closed schemas without `key`.
+        listed = call_checked(client, spec, "GET", KEYS, 200, headers=ADMIN)
+        assert [k["id"] for k in listed["data"]] == [key_id] and listed["object"] == "list"
+        call_checked(client, spec, "GET", path, 200, template=KEY, headers=ADMIN)
+
+        # The key works in each of its three headers.
+        for headers in (bearer(key), {"x-api-key": key}, {"x-bf-vk": key}):
+            call_checked(client, spec, "GET", "/v1/models", 200, headers=headers)
+        call_checked(client, spec, "POST", GEN, 200, json={"prompt": "a cat", "size": "64x64"}, headers=bearer(key))
+        for _ in range(100):  # usage rows are written just after the answer
+            shown = call_checked(client, spec, "GET", path, 200, template=KEY, headers=ADMIN)
+            if shown["usage"]["images"]:
+                break
+            time.sleep(0.02)
+        assert shown["usage"]["requests"] == shown["usage"]["images"] == 1, shown["usage"]
+        assert shown["period_usage"] == shown["usage"] and shown["usage"]["pixel_steps"] > 0
+
+        # A virtual key is never an admin, in whichever header.
+        for headers in (bearer(key), {"x-api-key": key}, {"x-bf-vk": key}):
+            error = refused(client, spec, "GET", KEYS, 403, "admin_required", headers=headers)
+            assert error["type"] == "permission_error"
+
+        # Update: only the fields present; null clears a limit.
+        updated = call_checked(
+            client, spec, "PATCH", path, 200, template=KEY, json={"rpm": None, "alias": "renamed"}, headers=ADMIN
+        )
+        assert (updated["rpm"], updated["alias"], updated["image_quota"]) == (None, "renamed", 100)
+        for bad in ({"expires_at": "tomorrow"}, {"rpm": -1}, {"quota_period": "week"}):
+            body = call_checked(client, spec, "PATCH", path, 400, template=KEY, json=bad, headers=ADMIN)
+            assert body["error"]["param"] == next(iter(bad)), body
+        for bad, param in (
+            ({"alias": "x", "expires_at": "tomorrow"}, "expires_at"),
+            ({"alias": ""}, "alias"),
+            ({"models": ["*"]}, "alias"),
+            ({"alias": "x", "image_quota": "many"}, "image_quota"),
+        ):
+            body = call_checked(client, spec, "POST", KEYS, 400, json=bad, headers=ADMIN)
+            assert body["error"]["param"] == param, body
+
+        # Revoke: 401 for the key; PATCH active=true brings it back.
+        revoked = call_checked(client, spec, "POST", f"{path}/revoke", 200, template=f"{KEY}/revoke", headers=ADMIN)
+        assert revoked["active"] is False and revoked["revoked_at"] is not None
+        error = refused(client, spec, "GET", "/v1/models", 401, "invalid_api_key", headers=bearer(key))
+        assert "revoked" in error["message"]
+        restored = call_checked(client, spec, "PATCH", path, 200, template=KEY, json={"active": True}, headers=ADMIN)
+        assert restored["active"] is True and restored["revoked_at"] is None
+        call_checked(client, spec, "GET", "/v1/models", 200, headers=bearer(key))
+
+        # An expired key is a 401 too.
+        call_checked(
+            client, spec, "PATCH", path, 200, template=KEY, json={"expires_at": "2000-01-01T00:00:00Z"}, headers=ADMIN
+        )
+        error = refused(client, spec, "GET", "/v1/models", 401, "invalid_api_key", headers=bearer(key))
+        assert "expired" in error["message"]
+
+        # Delete: 204 without a body, then 404 key_not_found everywhere.
+        call_checked(client, spec, "DELETE", path, 204, template=KEY, headers=ADMIN)
+        refused(client, spec, "GET", "/v1/models", 401, "invalid_api_key", headers=bearer(key))
+        for method, template in (("GET", KEY), ("PATCH", KEY), ("DELETE", KEY), ("POST", f"{KEY}/revoke")):
+            kw: dict[str, Any] = {"json": {"rpm": 1}} if method == "PATCH" else {}
+            url = template.replace("{key_id}", key_id)
+            error = refused(client, spec, method, url, 404, "key_not_found", template=template, headers=ADMIN, **kw)
+            assert error["param"] == "key_id"
+
+
+def test_live_limits_conform(tmp_path: Path, spec: dict[str, Any]) -> None:
+    cat = {"prompt": "a cat", "size": "64x64"}
+    upload = {"image": ("a.png", png(), "image/png")}
+    with TestClient(fake_app(secured_settings(tmp_path))) as client:
+        # models: fnmatch patterns, an empty list allows no model.
+        for models in (["other-*"], []):
+            headers = bearer(create_key(client, spec, models=models)["key"])
+            error = refused(client, spec, "POST", GEN, 403, "model_not_allowed", json=cat, headers=headers)
+            assert (error["type"], error["param"]) == ("permission_error", "model")
+            refused(client, spec, "POST", EDITS, 403, "model_not_allowed", data=cat, files=upload, headers=headers)
+            call_checked(client, spec, "GET", "/v1/models", 200, headers=headers)  # the list is not limited
+        call_checked(
+            client,
+            spec,
+            "POST",
+            GEN,
+            200,
+            json=cat,
+            headers=bearer(create_key(client, spec, models=["imagegate-?emo"])["key"]),
+        )
+
+        # rpm and max_concurrent: rate_limit_exceeded, with Retry-After and without x-should-retry.
+        headers = bearer(create_key(client, spec, rpm=1)["key"])
+        call_checked(client, spec, "POST", GEN, 200, json=cat, headers=headers)
+        response = client.post(GEN, json={**cat, "stream": True}, headers=headers)
+        assert response.status_code == 429 and "x-should-retry" not in response.headers, response.text
+        body = check_response(spec, GEN, "POST", response)
+        assert (body["error"]["type"], body["error"]["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+        headers = bearer(create_key(client, spec, max_concurrent=0)["key"])
+        refused(client, spec, "POST", EDITS, 429, "rate_limit_exceeded", data=cat, files=upload, headers=headers)
+
+        # image_quota: insufficient_quota, with Retry-After until the period ends and x-should-retry: false.
+        headers = bearer(create_key(client, spec, image_quota=1, quota_period="month")["key"])
+        response = client.post(GEN, json={**cat, "n": 2}, headers=headers)
+        assert response.status_code == 429 and response.headers.get("x-should-retry") == "false", response.text
+        body = check_response(spec, GEN, "POST", response)
+        assert (body["error"]["type"], body["error"]["code"]) == ("insufficient_quota", "insufficient_quota")
+        assert int(response.headers["retry-after"]) >= 1
+        call_checked(client, spec, "POST", GEN, 200, json=cat, headers=headers)
+
+
+def test_live_variation_limits_conform(tmp_path: Path, spec: dict[str, Any]) -> None:
+    with TestClient(fake_app(secured_settings(tmp_path))) as client:
+        headers = bearer(create_key(client, spec, models=[])["key"])
+        files = {"image": ("a.png", png(), "image/png")}
+        refused(client, spec, "POST", VARIATIONS, 403, "model_not_allowed", files=files, headers=headers)
+
+
+def test_live_users_static_keys_and_metrics_conform(tmp_path: Path, spec: dict[str, Any]) -> None:
+    settings = load_settings(
+        environ={},
+        overrides={
+            "data_dir": str(tmp_path),
+            "metrics_auth": "admin",
+            "users": [
+                {"name": "alice", "password_hash": hash_password("alice-pw"), "role": "admin"},
+                {"name": "bob", "password_hash": hash_password("bob-pw"), "models": []},
+            ],
+            "api_keys": [{"id": "ci", "key_sha256": hashlib.sha256(b"sk-static").hexdigest()}],
+        },
+    )
+    with TestClient(fake_app(settings)) as client:
+        alice, bob = basic("alice", "alice-pw"), basic("bob", "bob-pw")
+        # /metrics with metrics_auth = admin: 401 without a credential, 403 for a non-admin, 200 for an admin.
+        refused(client, spec, "GET", "/metrics", 401, "invalid_api_key")
+        for headers in (bob, bearer("sk-static")):
+            refused(client, spec, "GET", "/metrics", 403, "admin_required", headers=headers)
+        call_checked(client, spec, "GET", "/metrics", 200, headers=alice)
+
+        # Basic: the users, with their roles and limits; a bad password says Basic in WWW-Authenticate.
+        call_checked(client, spec, "GET", KEYS, 200, headers=alice)
+        refused(client, spec, "GET", KEYS, 403, "admin_required", headers=bob)
+        refused(client, spec, "POST", GEN, 403, "model_not_allowed", json={"prompt": "x"}, headers=bob)
+        for headers in (basic("alice", "wrong"), basic("carol", "x"), {"authorization": "Basic !!!"}):
+            refused(client, spec, "GET", "/v1/models", 401, "invalid_api_key", headers=headers)
+            response = client.get("/v1/models", headers=headers)
+            assert response.headers["www-authenticate"] == 'Basic realm="imagegate"'
+
+        # A static key: Bearer and x-api-key, not x-bf-vk (virtual keys only).
+        for headers in (bearer("sk-static"), {"x-api-key": "sk-static"}):
+            call_checked(client, spec, "POST", GEN, 200, json={"prompt": "a cat", "size": "64x64"}, headers=headers)
+        refused(client, spec, "GET", "/v1/models", 401, "invalid_api_key", headers={"x-bf-vk": "sk-static"})
+
+
+def test_live_anonymous_mode_conforms(app: Litestar, spec: dict[str, Any]) -> None:
+    """No credential configured: everything is open, the admin API included, until the first key exists."""
+    with TestClient(app) as client:
+        call_checked(client, spec, "GET", "/v1/models", 200)
+        call_checked(client, spec, "GET", KEYS, 200)
+        key = create_key(client, spec)["key"]
+        refused(client, spec, "GET", "/v1/models", 401, "invalid_api_key")
+        refused(client, spec, "GET", KEYS, 401, "invalid_api_key")
+        call_checked(client, spec, "GET", "/v1/models", 200, headers=bearer(key))

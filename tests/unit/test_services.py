@@ -341,7 +341,7 @@ async def test_generate_when_queue_is_full_is_overloaded(tmp_path):
 
 
 async def test_stream_events(rig):
-    stream = rig.service.stream(_req(n=2, size="64x64", num_inference_steps=4, partial_images=2, stream=True))
+    stream = await rig.service.stream(_req(n=2, size="64x64", num_inference_steps=4, partial_images=2, stream=True))
     assert rig.member.outstanding == 1  # admitted before the first event is asked for
     events = [event async for event in stream]
     await stream.aclose()
@@ -377,7 +377,9 @@ async def test_stream_events(rig):
 
 @pytest.mark.parametrize("partial_images", [0, 1, 3])
 async def test_stream_partial_count(rig, partial_images):
-    stream = rig.service.stream(_req(size="64x64", num_inference_steps=2, partial_images=partial_images, stream=True))
+    stream = await rig.service.stream(
+        _req(size="64x64", num_inference_steps=2, partial_images=partial_images, stream=True)
+    )
     events = [event async for event in stream]
     await stream.aclose()
     assert [type(e).__name__ for e in events] == ["ImageGenPartialImageEvent"] * partial_images + [
@@ -389,7 +391,7 @@ async def test_stream_partial_count(rig, partial_images):
 
 async def test_stream_breaks_off_after_a_partial(tmp_path):
     rig = _rig(tmp_path, FakeBackend(fail="after_partial"))
-    stream = rig.service.stream(_req(size="64x64", num_inference_steps=4, partial_images=2, stream=True))
+    stream = await rig.service.stream(_req(size="64x64", num_inference_steps=4, partial_images=2, stream=True))
     seen = []
     with pytest.raises(BackendFailed):
         async for event in stream:
@@ -402,7 +404,7 @@ async def test_stream_breaks_off_after_a_partial(tmp_path):
 
 async def test_stream_backend_invalid_request(tmp_path):
     rig = _rig(tmp_path, FakeBackend(fail="invalid"))
-    stream = rig.service.stream(_req(num_inference_steps=1, stream=True))
+    stream = await rig.service.stream(_req(num_inference_steps=1, stream=True))
     with pytest.raises(InvalidRequest) as info:
         async for _ in stream:
             pass
@@ -413,13 +415,13 @@ async def test_stream_backend_invalid_request(tmp_path):
 
 async def test_stream_validation_errors_raise_before_admission(rig):
     with pytest.raises(InvalidRequest):
-        rig.service.stream(_req(size="1x1", stream=True))
+        await rig.service.stream(_req(size="1x1", stream=True))
     assert rig.member.outstanding == 0
 
 
 async def test_stream_closed_before_iteration_releases_the_lease(rig):
     before = _images_total("cancelled")
-    stream = rig.service.stream(_req(n=2, num_inference_steps=2, stream=True))
+    stream = await rig.service.stream(_req(n=2, num_inference_steps=2, stream=True))
     assert rig.member.outstanding == 1
     await stream.aclose()
     rig.assert_released()
@@ -430,7 +432,7 @@ async def test_stream_closed_before_iteration_releases_the_lease(rig):
 
 
 async def test_stream_closed_mid_way_releases_the_lease(rig):
-    stream = rig.service.stream(_req(size="64x64", num_inference_steps=4, partial_images=2, stream=True))
+    stream = await rig.service.stream(_req(size="64x64", num_inference_steps=4, partial_images=2, stream=True))
     iterator = aiter(stream)
     first = await anext(iterator)
     assert isinstance(first, ImageGenPartialImageEvent)
@@ -440,7 +442,7 @@ async def test_stream_closed_mid_way_releases_the_lease(rig):
 
 
 async def test_stream_closed_mid_way_stops_the_backend_job_at_once(rig):
-    stream = rig.service.stream(_req(size="64x64", num_inference_steps=4, partial_images=2, stream=True))
+    stream = await rig.service.stream(_req(size="64x64", num_inference_steps=4, partial_images=2, stream=True))
     await anext(aiter(stream))
     await stream.aclose()
     assert rig.backend.cancelled == 1
@@ -448,7 +450,7 @@ async def test_stream_closed_mid_way_stops_the_backend_job_at_once(rig):
 
 async def test_stream_closed_mid_way_counts_cancelled_once(rig):
     before = _images_total("cancelled")
-    stream = rig.service.stream(_req(size="64x64", num_inference_steps=4, partial_images=2, stream=True))
+    stream = await rig.service.stream(_req(size="64x64", num_inference_steps=4, partial_images=2, stream=True))
     await anext(aiter(stream))
     await stream.aclose()
     for _ in range(5):  # let any finaliser of an orphaned generator run
@@ -458,7 +460,7 @@ async def test_stream_closed_mid_way_counts_cancelled_once(rig):
 
 async def test_stream_deadline(tmp_path):
     rig = _rig(tmp_path, FakeBackend(step_delay=0.05), request_timeout=0.1)
-    stream = rig.service.stream(_req(size="64x64", num_inference_steps=50, partial_images=1, stream=True))
+    stream = await rig.service.stream(_req(size="64x64", num_inference_steps=50, partial_images=1, stream=True))
     with pytest.raises(DeadlineExceeded):
         async for _ in stream:
             pass

@@ -1,0 +1,146 @@
+"""Per-principal limits, enforced when an image request is admitted, and usage recording."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from limits import RateLimitItemPerMinute
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+
+from app import metrics
+from app.auth.principals import Principal
+from app.errors import PermissionDenied, QuotaExceeded, RateLimited
+from app.store.keys import KeyStore
+
+log = logging.getLogger("imagegate.auth")
+
+MAX_ALIAS_LABELS = 100
+
+
+def period_bounds(period: str, now: float) -> tuple[float, float]:
+    """Start and end (UTC, calendar-aligned) of the quota period containing ``now``."""
+    t = datetime.fromtimestamp(now, UTC)
+    if period == "hour":
+        start = t.replace(minute=0, second=0, microsecond=0)
+        end = start.timestamp() + 3600
+    elif period == "day":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start.timestamp() + 86400
+    else:
+        start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = (
+            start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        ).timestamp()
+    return start.timestamp(), end
+
+
+@dataclass(eq=False)
+class Ticket:
+    """An admitted request's hold on its principal's concurrency and quota; :meth:`finish` exactly once."""
+
+    guard: Guard
+    principal: Principal
+    reserved: int
+    _done: bool = False
+
+    def finish(self, images: int = 0, pixel_steps: int = 0) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.guard._finish(self, images, pixel_steps)
+
+
+@dataclass
+class Guard:
+    """Admission by principal; the checks run in this order, and the first that fails answers.
+
+    1. the model must match one of the principal's patterns (403 ``model_not_allowed``);
+    2. fewer than ``max_concurrent`` image requests in flight (429 ``rate_limit_exceeded``);
+    3. images delivered this quota period + images held by requests in flight + ``n`` must not exceed
+       ``image_quota`` (429 ``insufficient_quota``, with ``x-should-retry: false``);
+    4. fewer than ``rpm`` admitted requests in the last 60 seconds, a moving window (429 ``rate_limit_exceeded``
+       with Retry-After until the oldest leaves the window).
+
+    Checks and the hold they take happen under one lock per principal, so concurrent requests cannot overshoot.
+    """
+
+    store: KeyStore
+    clock: Callable[[], float] = time.time
+    _rpm: MovingWindowRateLimiter = field(default_factory=lambda: MovingWindowRateLimiter(MemoryStorage()))
+    _locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    _in_flight: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    _held: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Images reserved by requests in flight, plus delivered images whose usage row is still being written."""
+    _writes: set[asyncio.Task[None]] = field(default_factory=set)
+    _aliases: set[str] = field(default_factory=set)
+
+    async def admit(self, principal: Principal, model: str, n: int) -> Ticket:
+        if not principal.allows(model):
+            metrics.LIMIT_REJECTIONS.labels("model").inc()
+            raise PermissionDenied(
+                f"This key may not use the model '{model}'.", param="model", code="model_not_allowed"
+            )
+        pid = principal.id
+        async with self._locks[pid]:
+            if principal.max_concurrent is not None and self._in_flight[pid] >= principal.max_concurrent:
+                metrics.LIMIT_REJECTIONS.labels("concurrency").inc()
+                raise RateLimited(
+                    f"This key already has {principal.max_concurrent} requests in flight; wait for one to finish.",
+                    retry_after=1,
+                )
+            if principal.image_quota is not None:
+                start, end = period_bounds(principal.quota_period, self.clock())
+                used = (await self.store.usage(pid, since=start)).images + self._held[pid]
+                if used + n > principal.image_quota:
+                    metrics.LIMIT_REJECTIONS.labels("quota").inc()
+                    raise QuotaExceeded(
+                        f"This key's quota of {principal.image_quota} images per {principal.quota_period} is spent "
+                        f"({used} used); it resets at {datetime.fromtimestamp(end, UTC).isoformat()}.",
+                        retry_after=end - self.clock(),
+                    )
+            if principal.rpm is not None:
+                item = RateLimitItemPerMinute(principal.rpm)
+                if not self._rpm.hit(item, pid):
+                    metrics.LIMIT_REJECTIONS.labels("rpm").inc()
+                    reset = self._rpm.get_window_stats(item, pid).reset_time
+                    raise RateLimited(
+                        f"This key is limited to {principal.rpm} requests per minute.",
+                        retry_after=max(1.0, reset - time.time()),
+                    )
+            self._in_flight[pid] += 1
+            self._held[pid] += n
+        return Ticket(self, principal, n)
+
+    def _finish(self, ticket: Ticket, images: int, pixel_steps: int) -> None:
+        p = ticket.principal
+        self._in_flight[p.id] -= 1
+        self._held[p.id] -= ticket.reserved - images  # delivered images stay held until their row is written
+        if images:
+            if p.alias not in self._aliases and len(self._aliases) < MAX_ALIAS_LABELS:
+                self._aliases.add(p.alias)
+            metrics.KEY_IMAGES.labels(p.alias if p.alias in self._aliases else "other").inc(images)
+        task = asyncio.get_running_loop().create_task(self._write(p.id, self.clock(), images, pixel_steps))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, pid: str, at: float, images: int, pixel_steps: int) -> None:
+        try:
+            await self.store.record_usage(pid, at, 1, images, pixel_steps)
+        except Exception:
+            log.exception("recording usage of %s failed", pid)
+        finally:
+            self._held[pid] -= images
+
+    async def drain(self) -> None:
+        """Wait for usage rows still being written (at shutdown)."""
+        loop = asyncio.get_running_loop()
+        pending = {t for t in self._writes if t.get_loop() is loop}
+        if pending:
+            await asyncio.wait(pending, timeout=10)
