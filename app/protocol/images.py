@@ -15,10 +15,9 @@ Background = Literal["transparent", "opaque", "auto"]
 MAX_SEED = 2**63 - 1
 
 
-class ImageGenerateRequest(msgspec.Struct, kw_only=True):
-    """``POST /v1/images/generations``. Unknown fields are ignored, as OpenAI-compatible servers do."""
+class _ImageOptions(msgspec.Struct, kw_only=True):
+    """The fields generations and edits share."""
 
-    prompt: Annotated[str, Meta(min_length=1, max_length=32000)]
     model: str | None = None
     n: Annotated[int, Meta(ge=1, le=10)] = 1
     size: str | None = None
@@ -27,8 +26,6 @@ class ImageGenerateRequest(msgspec.Struct, kw_only=True):
     output_format: OutputFormat | None = None
     output_compression: Annotated[int, Meta(ge=0, le=100)] | None = None
     background: Background | None = None
-    moderation: Literal["low", "auto"] | None = None
-    style: Literal["vivid", "natural"] | None = None
     user: str | None = None
     stream: bool | None = False
     partial_images: Annotated[int, Meta(ge=0, le=3)] | None = None
@@ -40,29 +37,20 @@ class ImageGenerateRequest(msgspec.Struct, kw_only=True):
     scheduler: str | None = None
 
 
-class ImageEditRequest(msgspec.Struct, kw_only=True):
+class ImageGenerateRequest(_ImageOptions, kw_only=True):
+    """``POST /v1/images/generations``. Unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    prompt: Annotated[str, Meta(min_length=1, max_length=32000)]
+    moderation: Literal["low", "auto"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+
+
+class ImageEditRequest(_ImageOptions, kw_only=True):
     """The fields of ``POST /v1/images/edits`` besides the files; multipart sends every one as a string."""
 
     prompt: Annotated[str, Meta(max_length=32000)] | None = None
-    model: str | None = None
     type: Literal["inpainting", "outpainting", "background_removal"] | None = None
-    n: Annotated[int, Meta(ge=1, le=10)] = 1
-    size: str | None = None
-    quality: Quality | None = None
-    response_format: ResponseFormat | None = None
-    output_format: OutputFormat | None = None
-    output_compression: Annotated[int, Meta(ge=0, le=100)] | None = None
-    background: Background | None = None
     input_fidelity: Literal["low", "high"] | None = None
-    user: str | None = None
-    stream: bool | None = False
-    partial_images: Annotated[int, Meta(ge=0, le=3)] | None = None
-    # Diffusion extensions.
-    negative_prompt: str | None = None
-    seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
-    num_inference_steps: Annotated[int, Meta(ge=1)] | None = None
-    guidance_scale: Annotated[float, Meta(ge=0)] | None = None
-    scheduler: str | None = None
     strength: Annotated[float, Meta(gt=0, le=1)] | None = None
 
 

@@ -45,10 +45,14 @@ from app.worker.protocol import SCHEDULERS
 
 
 def module_structs(module: Any) -> list[type[msgspec.Struct]]:
+    """The public wire structs of a module (a private base only lends its fields to them)."""
     return [
         obj
-        for obj in vars(module).values()
-        if isinstance(obj, type) and issubclass(obj, msgspec.Struct) and obj.__module__ == module.__name__
+        for name, obj in vars(module).items()
+        if isinstance(obj, type)
+        and issubclass(obj, msgspec.Struct)
+        and obj.__module__ == module.__name__
+        and not name.startswith("_")
     ]
 
 
