@@ -12,14 +12,17 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.plugins.prometheus import PrometheusController
+from litestar.static_files import create_static_files_router
 
 from app import metrics
 from app.api.admin import AdminController
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.images import ImagesController, UploadsController
+from app.api.playground import STATIC_DIR, PlaygroundController
 from app.api.system import SystemController
 from app.auth.guard import Guard
 from app.auth.middleware import AuthMiddleware
@@ -108,8 +111,28 @@ def create_app(
         return Provide(provide, sync_to_thread=False)
 
     uploads = type("UploadsController", (UploadsController,), {"request_max_body_size": settings.max_upload_size})
+    static = create_static_files_router(path="/static", directories=[STATIC_DIR], name="static")
+    cors = (
+        CORSConfig(
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "x-api-key", "x-bf-vk"],
+            expose_headers=["retry-after", "x-should-retry", "www-authenticate"],
+        )
+        if settings.cors_origins
+        else None
+    )
     return Litestar(
-        route_handlers=[ImagesController, uploads, AdminController, SystemController, PrometheusController],
+        route_handlers=[
+            ImagesController,
+            uploads,
+            AdminController,
+            SystemController,
+            PrometheusController,
+            PlaygroundController,
+            static,
+        ],
+        cors_config=cors,
         lifespan=[lifespan],
         state=State({"settings": settings}),
         dependencies={

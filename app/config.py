@@ -197,6 +197,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         bool, _doc("Serve without any credential on a non-loopback address (refused otherwise).")
     ] = False
     metrics_auth: Annotated[Literal["open", "admin"], _doc("Whether /metrics needs the admin credential.")] = "open"
+    cors_origins: Annotated[
+        list[str],
+        _doc("Origins (https://app.example.com, or *) whose pages may call the API; empty: same origin only."),
+    ] = msgspec.field(default_factory=list)
 
     def resolved_models(self) -> list[ModelConfig]:
         return self.models or [demo_model(self.data_dir)]

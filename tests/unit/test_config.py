@@ -285,4 +285,4 @@ def test_scalar_fields_types():
     tables = {"models", "api_keys", "users"}  # file or JSON env only
     assert set(fields) | set(list_fields()) == {f.name for f in msgspec.structs.fields(Settings)} - tables
     assert fields["allow_anonymous"] is bool
-    assert list_fields() == ["image_url_allowlist"]
+    assert set(list_fields()) == {"image_url_allowlist", "cors_origins"}
