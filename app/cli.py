@@ -222,9 +222,14 @@ def keys_create(config: str | None, data_dir: str | None, inactive: bool, **fiel
     """Create a key; prints it as JSON with its secret `key`, which is shown this once."""
     from app.protocol.admin import KeyCreate
 
-    data = {k: list(v) if k == "models" else v for k, v in fields.items() if v is not None and v != ()}
+    data = _given(fields)
     create = _convert({**data, "active": not inactive}, KeyCreate)
     _print(_keys_call(config, data_dir, lambda service: service.create(create)))
+
+
+def _given(fields: dict[str, Any]) -> dict[str, Any]:
+    """The limit options the user actually gave (repeatable ones as lists)."""
+    return {k: list(v) if k == "models" else v for k, v in fields.items() if v is not None and v != ()}
 
 
 @keys.command("list")
@@ -259,7 +264,7 @@ def keys_update(key_id: str, config: str | None, data_dir: str | None, clear: tu
     """Change the options given (the others keep their values); prints the key."""
     from app.protocol.admin import KeyUpdate
 
-    data = {k: list(v) if k == "models" else v for k, v in fields.items() if v is not None and v != ()}
+    data = _given(fields)
     for name in (c.replace("-", "_") for c in clear):
         if name in data:
             raise click.UsageError(f"--clear {name} conflicts with --{name.replace('_', '-')}.")
