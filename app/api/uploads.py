@@ -31,10 +31,6 @@ class Upload:
     images: list[InputImage]
     mask: InputImage | None = None
 
-    def close(self) -> None:
-        for i in [*self.images, *([self.mask] if self.mask else [])]:
-            i.close()
-
 
 def _convert(data: Any, cls: type[S]) -> S:
     try:

@@ -35,6 +35,10 @@ class Member:
     tasks: dict[str, frozenset[str]] = field(default_factory=dict)
     """Model -> tasks the backend reported it can run; a model missing here is assumed to support every task."""
 
+    def learn_tasks(self, tasks: dict[str, list[str]]) -> None:
+        """Record what the backend said it can run (its health report's ``tasks``)."""
+        self.tasks = {model: frozenset(names) for model, names in tasks.items()}
+
     def can(self, model: str, task: str) -> bool:
         known = self.tasks.get(model)
         return known is None or task in known

@@ -55,7 +55,7 @@ class RemoteWorkers:
             return State.DOWN, f"does not serve {', '.join(missing)}"
         if info.status != "ready":
             return (State.STARTING if info.status == "loading" else State.DOWN), info.error or info.status
-        member.tasks = {model: frozenset(tasks) for model, tasks in info.tasks.items()}
+        member.learn_tasks(info.tasks)
         return State.READY, ""
 
     async def stop(self) -> None:

@@ -121,7 +121,7 @@ class Supervisor:
                 except BackendFailed:
                     info = None
                 if info is not None and info.status == "ready":
-                    w.member.tasks = {model: frozenset(tasks) for model, tasks in info.tasks.items()}
+                    w.member.learn_tasks(info.tasks)
                     self.pool.set_state(w.member, State.READY)
                     log.info("worker %s ready", w.member.name)
                     return

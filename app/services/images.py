@@ -403,15 +403,6 @@ class ImageService:
             inputs=(image,),
         )
 
-    def admit(self, job: Job) -> Lease:
-        """Take a place for ``job`` on a backend (429 or 503 at once when there is none)."""
-        try:
-            return self.pool.acquire(job.params.model, job.params.work, job.params.task)
-        except (Overloaded, Unavailable):
-            metrics.IMAGES.labels(job.params.model, "rejected").inc(job.params.n)
-            job.close()
-            raise
-
     # -- running ------------------------------------------------------------------------------------------------
 
     async def _run(self, job: Job, lease: Lease, *, streamed: bool = False) -> AsyncIterator[WorkerEvent]:
@@ -497,7 +488,11 @@ class ImageService:
         try:
             if self.guard is not None:
                 ticket = await self.guard.admit(principal, job.params.model, job.params.n)
-            lease = self.admit(job)
+            try:
+                lease = self.pool.acquire(job.params.model, job.params.work, job.params.task)
+            except (Overloaded, Unavailable):
+                metrics.IMAGES.labels(job.params.model, "rejected").inc(job.params.n)
+                raise
         except BaseException:
             if ticket is not None:
                 ticket.finish()
