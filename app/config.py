@@ -89,9 +89,28 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     background_labels: Annotated[
         list[str], _doc("Segmentation labels that count as background for background_removal.")
     ] = msgspec.field(default_factory=lambda: ["background"])
+    fallbacks: Annotated[
+        list[str], _doc("Models tried in order when no backend of this one could take or finish a request.")
+    ] = msgspec.field(default_factory=list)
+    max_batch_pixels: Annotated[
+        int,
+        _doc("Most output pixels (width x height x images) one batched pipeline call may hold; 0 turns batching off."),
+    ] = 2_097_152
 
     def size_limits_text(self) -> str:
         return f"{self.min_side}-{self.max_side} px, multiples of {self.size_multiple}"
+
+
+class UpstreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A server speaking the OpenAI Images API (another imagegate, a vendor) that serves some of the models."""
+
+    name: Annotated[str, _doc("Backend name in /ready and metrics.")]
+    base_url: Annotated[str, _doc("Base URL up to and including /v1, e.g. https://api.openai.com/v1.")]
+    api_key_env: Annotated[str, _doc("Environment variable holding the upstream's key; empty: no key sent.")] = ""
+    models: Annotated[
+        dict[str, str], _doc("Served model name -> the upstream's model name (each must be a configured model).")
+    ] = msgspec.field(default_factory=dict)
+    timeout: Annotated[float, _doc("Seconds to connect and to wait for each chunk of the upstream's answer.")] = 300.0
 
 
 QuotaPeriod = Literal["hour", "day", "month"]
@@ -173,6 +192,28 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     url_secret: Annotated[str, _doc("Key that signs image URLs; default: generated once and kept in data_dir.")] = ""
     sse_ping_interval: Annotated[float, _doc("Seconds between keep-alive comments on an idle SSE stream.")] = 15.0
     request_timeout: Annotated[float, _doc("Deadline in seconds for one request, queueing included.")] = 600.0
+    upstreams: Annotated[list[UpstreamConfig], _doc("OpenAI-compatible image APIs that serve some models.")] = (
+        msgspec.field(default_factory=list)
+    )
+    backend_weights: Annotated[
+        dict[str, float],
+        _doc("Backend name (local-cuda0, remote-host:port, an upstream's name) -> routing weight (default 1)."),
+    ] = msgspec.field(default_factory=dict)
+    max_attempts: Annotated[
+        int, _doc("Backends one request may try before anything reached the client (never the same one twice).")
+    ] = 3
+    cooldown_failures: Annotated[int, _doc("Failures within cooldown_window that take a backend out of the pool.")] = 3
+    cooldown_window: Annotated[float, _doc("Seconds over which a backend's failures are counted.")] = 60.0
+    cooldown_seconds: Annotated[float, _doc("Seconds a failing backend stays out before probes may bring it back.")] = (
+        10.0
+    )
+    health_interval: Annotated[float, _doc("Seconds between health probes of each remote worker and upstream.")] = 2.0
+    drain_timeout: Annotated[
+        float, _doc("On SIGTERM, seconds in-flight requests may take to finish (new ones get 503) before stopping.")
+    ] = 30.0
+    batch_window_ms: Annotated[
+        float, _doc("Milliseconds a worker waits for compatible requests to join a batch (0: batch only what queued).")
+    ] = 5.0
     worker_start_timeout: Annotated[float, _doc("Seconds a local worker may take to load its models.")] = 600.0
     worker_restart_max_backoff: Annotated[float, _doc("Longest wait before restarting a crashed worker.")] = 30.0
     worker_token: Annotated[str, _doc("Shared secret between gateway and workers on TCP.")] = ""
@@ -346,10 +387,10 @@ def validate(settings: Settings) -> None:
         if m.name in seen:
             raise ConfigError(f"{where} is configured twice")
         seen.add(m.name)
-        if not m.path:
+        if not m.path and m.devices:
             raise ConfigError(f"{where}: `path` is required")
-        if not m.devices and not m.remote_workers:
-            raise ConfigError(f"{where}: name at least one local device or remote worker")
+        if not m.devices and not m.remote_workers and not any(m.name in u.models for u in settings.upstreams):
+            raise ConfigError(f"{where}: name at least one local device, remote worker or upstream")
         for d in m.devices:
             if not _DEVICE.fullmatch(d):
                 raise ConfigError(f"{where}: unknown device {d!r} (cpu, cuda:N, mps, xpu:N)")
@@ -384,3 +425,30 @@ def validate(settings: Settings) -> None:
         bad_q = set(m.quality_steps) - {"low", "medium", "high"}
         if bad_q or any(not 0 < v <= 1 for v in m.quality_steps.values()):
             raise ConfigError(f"{where}: quality_steps maps low/medium/high to fractions in (0, 1]")
+        if m.max_batch_pixels < 0:
+            raise ConfigError(f"{where}: max_batch_pixels must be >= 0")
+    _validate_pool(settings, seen)
+
+
+def _validate_pool(settings: Settings, models: set[str]) -> None:
+    for m in settings.resolved_models():
+        unknown = [f for f in m.fallbacks if f not in models or f == m.name]
+        if unknown:
+            raise ConfigError(f"model {m.name!r}: fallbacks {unknown} are not other configured models")
+    names: set[str] = set()
+    for u in settings.upstreams:
+        where = f"upstream {u.name!r}"
+        if u.name in names:
+            raise ConfigError(f"{where} is configured twice")
+        names.add(u.name)
+        if not u.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}: base_url must be an http(s) URL")
+        unknown = sorted(set(u.models) - models)
+        if unknown:
+            raise ConfigError(f"{where}: models {unknown} are not configured models")
+    if settings.max_attempts < 1:
+        raise ConfigError("max_attempts must be >= 1")
+    if settings.cooldown_failures < 1 or settings.cooldown_window <= 0 or settings.cooldown_seconds < 0:
+        raise ConfigError("need cooldown_failures >= 1, cooldown_window > 0 and cooldown_seconds >= 0")
+    if settings.batch_window_ms < 0 or settings.drain_timeout < 0 or settings.health_interval <= 0:
+        raise ConfigError("batch_window_ms and drain_timeout must be >= 0, health_interval > 0")

@@ -46,6 +46,42 @@ FIRST_PARTIAL_SECONDS = Histogram(
 QUEUE_DEPTH = Gauge("imagegate_queue_depth", "Admitted requests not yet started by a worker.", ["model"])
 WORKERS_UP = Gauge("imagegate_workers_up", "Ready workers serving the model.", ["model"])
 BACKEND_UP = Gauge("imagegate_backend_up", "1 when the backend is ready, else 0.", ["backend"])
+BACKEND_STATE = Gauge(
+    "imagegate_backend_state",
+    "1 for the backend's current state (starting, ready, cooling_down, down), 0 for the others.",
+    ["backend", "state"],
+)
+BACKEND_IN_FLIGHT = Gauge("imagegate_backend_in_flight", "Requests the gateway has on the backend.", ["backend"])
+BACKEND_QUEUE_DEPTH = Gauge(
+    "imagegate_backend_queue_depth", "Requests sent to the backend that it has not started yet.", ["backend"]
+)
+BACKEND_FAILURES = Counter(
+    "imagegate_backend_failures_total",
+    "Requests the backend failed for reasons of its own (unreachable, broke off, hung, internal error).",
+    ["backend"],
+)
+BACKEND_COOLDOWNS = Counter(
+    "imagegate_backend_cooldowns_total", "Times the backend was taken out of the pool for failing.", ["backend"]
+)
+RETRIES = Counter("imagegate_retries_total", "Requests tried again on another backend of the same model.", ["model"])
+FALLBACKS = Counter("imagegate_fallbacks_total", "Requests passed on to a fallback model.", ["model", "fallback"])
+BATCH_SIZE = Histogram(
+    "imagegate_batch_size",
+    "Requests sharing one pipeline call, as each request saw it.",
+    ["model"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+)
+STEP_SECONDS = Histogram(
+    "imagegate_denoising_step_seconds",
+    "Time between a request's denoising steps.",
+    ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+OVERHEAD_SECONDS = Histogram(
+    "imagegate_gateway_overhead_seconds",
+    "Time an image request spent in the gateway outside its backends (also the x-imagegate-overhead-ms header).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
 WORKER_RESTARTS = Counter("imagegate_worker_restarts_total", "Local worker processes restarted.", ["backend"])
 AUTH_FAILURES = Counter(
     "imagegate_auth_failures_total",

@@ -120,10 +120,14 @@ class GenerationParams(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class Started(msgspec.Struct, tag="started"):
-    """The job left the worker's queue and is running; ``prompt_tokens`` is the tokenizer's count."""
+    """The job left the worker's queue and is running; ``prompt_tokens`` is the tokenizer's count.
+
+    ``batch_size`` counts the requests sharing its pipeline call (1 when it runs alone).
+    """
 
     queue_seconds: float
     prompt_tokens: int = 0
+    batch_size: int = 1
 
 
 class Progress(msgspec.Struct, tag="progress"):

@@ -197,7 +197,7 @@ def test_good_devices(tmp_path, device):
 
 
 def test_empty_devices(tmp_path):
-    assert "at least one local device or remote worker" in _model_error(tmp_path, devices=[])
+    assert "at least one local device, remote worker or upstream" in _model_error(tmp_path, devices=[])
 
 
 def test_remote_workers_alone_are_enough(tmp_path):
