@@ -111,6 +111,11 @@ class UpstreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         dict[str, str], _doc("Served model name -> the upstream's model name (each must be a configured model).")
     ] = msgspec.field(default_factory=dict)
     timeout: Annotated[float, _doc("Seconds to connect and to wait for each chunk of the upstream's answer.")] = 300.0
+    concurrency: Annotated[int, _doc("Requests sent to it at once; more count as queued for admission.")] = 64
+    extensions: Annotated[
+        bool,
+        _doc("Send imagegate's fields (seed, negative_prompt, num_inference_steps, guidance_scale, scheduler) too."),
+    ] = False
 
 
 QuotaPeriod = Literal["hour", "day", "month"]
