@@ -29,6 +29,8 @@ class Member:
     models: frozenset[str]
     state: State = State.STARTING
     weight: float = 1.0
+    capacity: int = 1
+    """Requests the backend runs at once (a worker: 1; an upstream: its configured concurrency)."""
     outstanding: int = 0
     outstanding_work: float = 0.0
     detail: str = ""
@@ -105,8 +107,10 @@ class Pool:
             metrics.QUEUE_DEPTH.labels(model).set(0)
             metrics.WORKERS_UP.labels(model).set(0)
 
-    def add(self, backend: Backend, models: Iterable[str], *, state: State = State.STARTING) -> Member:
-        member = Member(backend=backend, models=frozenset(models))
+    def add(
+        self, backend: Backend, models: Iterable[str], *, state: State = State.STARTING, capacity: int = 1
+    ) -> Member:
+        member = Member(backend=backend, models=frozenset(models), capacity=capacity)
         self.members.append(member)
         self.set_state(member, state)
         return member
@@ -141,9 +145,10 @@ class Pool:
         if not ready:
             raise Unavailable(f"No worker is ready for model '{model}' yet; try again shortly.", retry_after=5)
         config = self.models[model]
-        waiting = self._outstanding[model] - len(ready)
+        capacity = sum(m.capacity for m in ready)
+        waiting = self._outstanding[model] - capacity
         if waiting >= config.max_queue:
-            estimate = self._avg_seconds[model] * (waiting + 1) / len(ready)
+            estimate = self._avg_seconds[model] * (waiting + 1) / capacity
             raise Overloaded(
                 f"The queue for model '{model}' is full ({config.max_queue} waiting); retry later.",
                 retry_after=max(1.0, math.ceil(estimate)),
