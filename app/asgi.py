@@ -10,7 +10,9 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
+import uvicorn
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
@@ -22,6 +24,8 @@ from app import metrics
 from app.api.admin import AdminController
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.images import ImagesController, UploadsController
+from app.api.overhead import HEADER as OVERHEAD_HEADER
+from app.api.overhead import overhead_middleware
 from app.api.playground import STATIC_DIR, PlaygroundController
 from app.api.system import SystemController
 from app.auth.guard import Guard
@@ -30,7 +34,7 @@ from app.auth.principals import Authenticator
 from app.backends.base import Backend
 from app.config import Settings
 from app.contract import bundled_yaml
-from app.pool import Pool
+from app.pool import POLICIES, Breaker, Pool
 from app.pool import State as BackendState
 from app.pool.remote import RemoteWorkers
 from app.pool.supervisor import Supervisor
@@ -63,14 +67,19 @@ def create_app(
         data_dir = Path(settings.data_dir)
         secret = settings.url_secret.encode() if settings.url_secret else load_or_create_secret(data_dir / "secret")
         files = ImageFiles(data_dir / "images", secret, settings.url_ttl)
-        pool = Pool(settings.resolved_models())
+        pool = Pool(
+            settings.resolved_models(),
+            POLICIES[settings.routing](),
+            weights=settings.backend_weights,
+            breaker=Breaker(settings.cooldown_failures, settings.cooldown_window, settings.cooldown_seconds),
+        )
         supervisor: Supervisor | None = None
         remote: RemoteWorkers | None = None
         runtime_dir = Path(tempfile.mkdtemp(prefix="imagegate-"))
         if backends is None:
             supervisor = Supervisor(settings, pool, runtime_dir)
             await supervisor.start()
-            remote = RemoteWorkers(settings, pool)
+            remote = RemoteWorkers(settings, pool, settings.health_interval)
             await remote.start()
         else:
             for backend, models in backends:
@@ -79,6 +88,7 @@ def create_app(
         guard = Guard(store, clock=clock)
         images = ImageService(settings, pool, files, guard=guard)
         sweeper = asyncio.create_task(files.sweep_forever(), name="sweep-image-files")
+        prober = asyncio.create_task(pool.probe_back_forever(settings.health_interval), name="probe-back")
         state.update(
             pool=pool,
             files=files,
@@ -91,6 +101,7 @@ def create_app(
             yield
         finally:
             sweeper.cancel()
+            prober.cancel()
             await guard.drain()
             store.close()
             if supervisor is not None and remote is not None:
@@ -117,7 +128,7 @@ def create_app(
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=["authorization", "content-type", "x-api-key", "x-bf-vk"],
-            expose_headers=["retry-after", "x-should-retry", "www-authenticate"],
+            expose_headers=["retry-after", "x-should-retry", "www-authenticate", OVERHEAD_HEADER.decode()],
         )
         if settings.cors_origins
         else None
@@ -145,8 +156,44 @@ def create_app(
             "settings": Provide(lambda: settings, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        middleware=[metrics.http.middleware, AuthMiddleware],
+        middleware=[overhead_middleware, metrics.http.middleware, AuthMiddleware],
         request_max_body_size=settings.max_body_size,
         openapi_config=None,
         logging_config=None,
     )
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, draining before it stops.
+
+    The first SIGTERM (or SIGINT) keeps the listener open but makes the pool refuse new image requests with 503
+    (and ``/ready`` answer ``draining``, so load balancers move on); requests in flight have ``drain_timeout``
+    seconds to finish. Then the local workers stop (a stream still running gets an ``error`` event) and uvicorn
+    shuts down as usual. A second signal stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: Litestar, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.litestar = app
+        self.drain_timeout = drain_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is not None or self._loop is None or "pool" not in self.litestar.state:
+            super().handle_exit(sig, frame)
+            return
+        log.info("draining: new requests get 503; up to %gs for those in flight", self.drain_timeout)
+        self._drain = self._loop.create_task(self._drain_then_exit(sig, frame))
+
+    async def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = self.litestar.state
+        if not await state.pool.drain(self.drain_timeout):
+            log.warning("requests still in flight after %gs; stopping them", self.drain_timeout)
+            if state.supervisor is not None:
+                await state.supervisor.stop()
+        super().handle_exit(sig, frame)

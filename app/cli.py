@@ -68,7 +68,7 @@ def serve(config: str | None, **overrides: Any) -> None:
     """Run the gateway and the local workers the configuration names."""
     import uvicorn
 
-    from app.asgi import create_app
+    from app.asgi import DrainingServer, create_app
     from app.auth import startup
 
     settings = _settings(config, overrides)
@@ -86,8 +86,9 @@ def serve(config: str | None, **overrides: Any) -> None:
         settings.port,
         settings.data_dir,
     )
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
@@ -97,6 +98,7 @@ def serve(config: str | None, **overrides: Any) -> None:
         timeout_keep_alive=75,
         timeout_graceful_shutdown=15,
     )
+    DrainingServer(config, app, settings.drain_timeout).run()
 
 
 @main.command()

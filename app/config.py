@@ -204,6 +204,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         dict[str, float],
         _doc("Backend name (local-cuda0, remote-host:port, an upstream's name) -> routing weight (default 1)."),
     ] = msgspec.field(default_factory=dict)
+    routing: Annotated[
+        Literal["least_work_p2c", "least_work"],
+        _doc("Routing policy: least outstanding work between two random backends, or over all of them."),
+    ] = "least_work_p2c"
     max_attempts: Annotated[
         int, _doc("Backends one request may try before anything reached the client (never the same one twice).")
     ] = 3

@@ -6,6 +6,9 @@ and keys never become labels.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+from dataclasses import dataclass
+
 from litestar.plugins.prometheus import PrometheusConfig
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -98,3 +101,26 @@ KEY_IMAGES = Counter(
     "Images delivered per key alias (the first 100 aliases seen; the rest count as 'other').",
     ["key"],
 )
+
+
+@dataclass
+class RequestTiming:
+    """Where one request's time went, for :data:`OVERHEAD_SECONDS`.
+
+    Seconds spent waiting on backends and on the client (sending a stream); the rest is the gateway's own.
+    """
+
+    backend: float = 0.0
+    client: float = 0.0
+    used_backend: bool = False
+
+
+current_timing: ContextVar[RequestTiming | None] = ContextVar("imagegate_request_timing", default=None)
+
+
+def request_timing() -> RequestTiming | None:
+    """The running request's timing (None outside a request); a service marks it as using a backend."""
+    timing = current_timing.get()
+    if timing is not None:
+        timing.used_backend = True
+    return timing

@@ -17,6 +17,10 @@ class ReadyBackend(msgspec.Struct):
     state: str
     models: list[str]
     outstanding: int
+    queued: int
+    weight: float
+    recent_failures: int
+    cooldown_seconds_left: float
     detail: str
 
 
@@ -34,11 +38,23 @@ class SystemController(Controller):
 
     @get("/ready", operation_id="ready")
     async def ready(self, pool: Pool) -> Response[Readiness]:
+        now = pool.clock()
         body = Readiness(
-            status="ready" if pool.is_ready() else "not_ready",
+            status="draining" if pool.draining else "ready" if pool.is_ready() else "not_ready",
             models={m: len(pool.ready(m)) for m in pool.models},
             backends=[
-                ReadyBackend(m.name, m.state.value, sorted(m.models), m.outstanding, m.detail) for m in pool.members
+                ReadyBackend(
+                    name=m.name,
+                    state=m.state.value,
+                    models=sorted(m.models),
+                    outstanding=m.outstanding,
+                    queued=m.queued,
+                    weight=m.weight,
+                    recent_failures=len(m.failures),
+                    cooldown_seconds_left=round(max(0.0, m.cooling_until - now), 3),
+                    detail=m.detail,
+                )
+                for m in pool.members
             ],
         )
         return Response(body, status_code=200 if pool.is_ready() else 503)

@@ -32,6 +32,9 @@ class Upload:
     mask: InputImage | None = None
 
 
+_LIST_FIELDS = ("fallbacks",)
+
+
 def _convert(data: Any, cls: type[S]) -> S:
     try:
         return msgspec.convert(data, cls, strict=False)
@@ -68,7 +71,12 @@ async def _multipart(request: Request, settings: Settings, cls: type[S], *, with
     if len(masks) > 1:
         raise InvalidRequest("Send at most one mask.", param="mask")
     scalars = {k: form.get(k) for k in form if k not in _FILE_FIELDS and isinstance(form.get(k), str)}
-    fields = _convert({k: v for k, v in scalars.items() if v != ""}, cls)
+    values: dict[str, Any] = {k: v for k, v in scalars.items() if v != "" and k.removesuffix("[]") not in _LIST_FIELDS}
+    for name in _LIST_FIELDS:  # repeated parts (`fallbacks` or `fallbacks[]`) make a list
+        items = [v for key in (name, f"{name}[]") for v in form.getall(key, []) if isinstance(v, str) and v]
+        if items:
+            values[name] = items
+    fields = _convert(values, cls)
     checked_images = await _inspect_all([u.file for u in images], settings, "image")
     try:
         mask = (await _inspect_all([masks[0].file], settings, "mask"))[0] if masks else None

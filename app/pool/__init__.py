@@ -1,4 +1,14 @@
-from app.pool.policies import LeastOutstandingWork, RoutingPolicy
-from app.pool.pool import Lease, Member, Pool, State
+from app.pool.policies import POLICIES, LeastOutstandingWork, PowerOfTwoLeastWork, RoutingPolicy
+from app.pool.pool import Breaker, Lease, Member, Pool, State
 
-__all__ = ["Lease", "LeastOutstandingWork", "Member", "Pool", "RoutingPolicy", "State"]
+__all__ = [
+    "POLICIES",
+    "Breaker",
+    "Lease",
+    "LeastOutstandingWork",
+    "Member",
+    "Pool",
+    "PowerOfTwoLeastWork",
+    "RoutingPolicy",
+    "State",
+]

@@ -16,6 +16,10 @@ class RoutingPolicy(Protocol):
         ...
 
 
+def _load(m: Member) -> tuple[float, int]:
+    return (m.outstanding_work / m.weight, m.outstanding)
+
+
 class LeastOutstandingWork:
     """Send the request to the ready backend with the least outstanding work.
 
@@ -31,9 +35,40 @@ class LeastOutstandingWork:
         self._rng = rng or random.Random()
 
     def choose(self, candidates: Sequence[Member], work: float) -> Member:
-        def key(m: Member) -> tuple[float, int]:
-            return (m.outstanding_work / m.weight, m.outstanding)
-
-        best = min(key(m) for m in candidates)
-        tied = [m for m in candidates if key(m) == best]
+        best = min(_load(m) for m in candidates)
+        tied = [m for m in candidates if _load(m) == best]
         return tied[0] if len(tied) == 1 else self._rng.choice(tied)
+
+
+class PowerOfTwoLeastWork:
+    """Power of two choices on outstanding work (the default).
+
+    1. One candidate: take it.
+    2. Otherwise draw two different candidates at random, each with probability proportional to its weight.
+    3. Of the two, take the one with less ``outstanding_work / weight`` (work is ``width x height x steps x n``);
+       then the one with fewer outstanding requests; then either, at random.
+
+    Two random choices keep the load within a small factor of the best possible while never herding every request
+    onto the one backend that looked idlest a moment ago (as a full scan does when several gateways share backends,
+    or between a backend's failure and its cooldown); with two backends it is the exact least-work choice.
+    """
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def choose(self, candidates: Sequence[Member], work: float) -> Member:
+        if len(candidates) == 1:
+            return candidates[0]
+        first = self._rng.choices(candidates, weights=[m.weight for m in candidates])[0]
+        rest = [m for m in candidates if m is not first]
+        second = self._rng.choices(rest, weights=[m.weight for m in rest])[0]
+        a, b = _load(first), _load(second)
+        if a == b:
+            return self._rng.choice((first, second))
+        return first if a < b else second
+
+
+POLICIES: dict[str, type[LeastOutstandingWork | PowerOfTwoLeastWork]] = {
+    "least_work_p2c": PowerOfTwoLeastWork,
+    "least_work": LeastOutstandingWork,
+}

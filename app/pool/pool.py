@@ -1,29 +1,44 @@
-"""The backend pool: which backends serve which model, their state, their load, and admission control."""
+"""The backend pool: which backends serve which model, their health, their load, and admission control."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import logging
 import math
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from app import metrics
 from app.backends.base import Backend
 from app.config import ModelConfig
-from app.errors import Overloaded, Unavailable
-from app.pool.policies import LeastOutstandingWork, RoutingPolicy
+from app.errors import BackendFailed, Overloaded, Unavailable
+from app.pool.policies import PowerOfTwoLeastWork, RoutingPolicy
+
+log = logging.getLogger("imagegate.pool")
 
 
 class State(enum.StrEnum):
     STARTING = "starting"
     READY = "ready"
+    COOLING_DOWN = "cooling_down"
     DOWN = "down"
+
+
+@dataclass(frozen=True)
+class Breaker:
+    """The circuit breaker: ``failures`` within ``window`` seconds take a backend out for ``cooldown`` seconds."""
+
+    failures: int = 3
+    window: float = 60.0
+    cooldown: float = 10.0
 
 
 @dataclass(eq=False)
 class Member:
-    """A backend in the pool, with the load the gateway has put on it."""
+    """A backend in the pool, with its health and the load the gateway has put on it."""
 
     backend: Backend
     models: frozenset[str]
@@ -31,11 +46,18 @@ class Member:
     weight: float = 1.0
     capacity: int = 1
     """Requests the backend runs at once (a worker: 1; an upstream: its configured concurrency)."""
+    probed: bool = False
+    """Health-probed all the time (remote workers, upstreams); local workers are watched by their supervisor."""
     outstanding: int = 0
     outstanding_work: float = 0.0
+    queued: int = 0
+    """Requests sent to it that it has not started yet."""
     detail: str = ""
     tasks: dict[str, frozenset[str]] = field(default_factory=dict)
     """Model -> tasks the backend reported it can run; a model missing here is assumed to support every task."""
+    failures: deque[float] = field(default_factory=deque)
+    """When its recent failures happened (the pool's clock)."""
+    cooling_until: float = 0.0
 
     def learn_tasks(self, tasks: dict[str, list[str]]) -> None:
         """Record what the backend said it can run (its health report's ``tasks``)."""
@@ -48,6 +70,10 @@ class Member:
     @property
     def name(self) -> str:
         return self.backend.name
+
+    def _gauges(self) -> None:
+        metrics.BACKEND_IN_FLIGHT.labels(self.name).set(self.outstanding)
+        metrics.BACKEND_QUEUE_DEPTH.labels(self.name).set(self.queued)
 
 
 @dataclass(eq=False)
@@ -63,11 +89,10 @@ class Lease:
     _released: bool = False
 
     def started(self) -> float:
-        """Mark that the worker started the job; returns the seconds it waited."""
+        """Mark that the backend started the job; returns the seconds it waited."""
         if self.started_at is None:
             self.started_at = time.monotonic()
-            self.pool._queued[self.model] -= 1
-            metrics.QUEUE_DEPTH.labels(self.model).set(self.pool._queued[self.model])
+            self.pool._dequeue(self)
         return self.started_at - self.admitted_at
 
     @property
@@ -79,11 +104,14 @@ class Lease:
             return
         self._released = True
         if self.started_at is None:
-            self.pool._queued[self.model] -= 1
-            metrics.QUEUE_DEPTH.labels(self.model).set(self.pool._queued[self.model])
-        self.member.outstanding -= 1
-        self.member.outstanding_work -= self.work
+            self.pool._dequeue(self)
+        member = self.member
+        member.outstanding -= 1
+        member.outstanding_work -= self.work
+        member._gauges()
         self.pool._outstanding[self.model] -= 1
+        if not any(self.pool._outstanding.values()):
+            self.pool._idle.set()
         if succeeded and self.started_at is not None:
             self.pool._observe_duration(self.model, time.monotonic() - self.started_at)
 
@@ -91,36 +119,140 @@ class Lease:
 class Pool:
     """Backends by model, their state, and bounded admission.
 
-    A model admits a request while its outstanding requests (running or waiting) number fewer than its ready
-    backends plus ``max_queue``; past that the answer is 429 at once, with a Retry-After estimated from recent job
-    durations. With no ready backend the answer is 503.
+    A model admits a request while its outstanding requests (running or waiting) number fewer than the capacity of
+    its ready backends plus ``max_queue``; past that the answer is 429 at once, with a Retry-After estimated from
+    recent job durations. With no ready backend the answer is 503, and so it is for every request once the pool
+    drains for shutdown.
+
+    Health: a backend that fails ``breaker.failures`` times within ``breaker.window`` seconds (passive health: the
+    requests it failed) cools down for ``breaker.cooldown`` seconds; after that a health probe (never a generation)
+    brings it back, or it cools down again.
     """
 
-    def __init__(self, models: Iterable[ModelConfig], policy: RoutingPolicy | None = None) -> None:
+    def __init__(
+        self,
+        models: Iterable[ModelConfig],
+        policy: RoutingPolicy | None = None,
+        *,
+        weights: Mapping[str, float] | None = None,
+        breaker: Breaker | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.models = {m.name: m for m in models}
-        self.policy = policy or LeastOutstandingWork()
+        self.policy = policy or PowerOfTwoLeastWork()
+        self.weights = dict(weights or {})
+        self.breaker = breaker or Breaker()
+        self.clock = clock
         self.members: list[Member] = []
+        self.draining = False
         self._outstanding = dict.fromkeys(self.models, 0)
         self._queued = dict.fromkeys(self.models, 0)
         self._avg_seconds = dict.fromkeys(self.models, 0.0)
+        self._idle = asyncio.Event()
+        self._idle.set()
         for model in self.models:
             metrics.QUEUE_DEPTH.labels(model).set(0)
             metrics.WORKERS_UP.labels(model).set(0)
 
     def add(
-        self, backend: Backend, models: Iterable[str], *, state: State = State.STARTING, capacity: int = 1
+        self,
+        backend: Backend,
+        models: Iterable[str],
+        *,
+        state: State = State.STARTING,
+        capacity: int = 1,
+        probed: bool = False,
     ) -> Member:
-        member = Member(backend=backend, models=frozenset(models), capacity=capacity)
+        member = Member(
+            backend=backend,
+            models=frozenset(models),
+            weight=self.weights.get(backend.name, 1.0),
+            capacity=capacity,
+            probed=probed,
+        )
         self.members.append(member)
         self.set_state(member, state)
+        member._gauges()
+        metrics.BACKEND_FAILURES.labels(member.name)
+        metrics.BACKEND_COOLDOWNS.labels(member.name)
         return member
 
+    # -- health -------------------------------------------------------------------------------------------------
+
     def set_state(self, member: Member, state: State, detail: str = "") -> None:
+        """Set what the backend's owner knows (a local worker started or exited); a fresh start forgets failures."""
+        if state is not State.COOLING_DOWN:
+            member.failures.clear()
+            member.cooling_until = 0.0
         member.state = state
         member.detail = detail
         metrics.BACKEND_UP.labels(member.name).set(1 if state is State.READY else 0)
+        for s in State:
+            metrics.BACKEND_STATE.labels(member.name, s.value).set(1 if s is state else 0)
         for model in member.models:
             metrics.WORKERS_UP.labels(model).set(len(self.ready(model)))
+
+    def report_health(self, member: Member, state: State, detail: str = "") -> None:
+        """Apply a health probe's finding; a cooling-down backend stays out until its cooldown is over."""
+        cooling = member.state is State.COOLING_DOWN
+        if cooling and state is State.READY and self.clock() < member.cooling_until:
+            return
+        if cooling and state is State.READY:
+            log.info("backend %s is back from its cooldown", member.name)
+        if (state, detail) != (member.state, member.detail):
+            self.set_state(member, state, detail)
+
+    def failed(self, member: Member, reason: str) -> None:
+        """Count a failure of the backend's own (passive health); too many in the window start a cooldown."""
+        metrics.BACKEND_FAILURES.labels(member.name).inc()
+        now = self.clock()
+        member.failures.append(now)
+        while member.failures and member.failures[0] <= now - self.breaker.window:
+            member.failures.popleft()
+        if member.state is State.READY and len(member.failures) >= self.breaker.failures:
+            member.cooling_until = now + self.breaker.cooldown
+            log.warning(
+                "backend %s failed %d times in %.0fs (last: %s); cooling down for %.0fs",
+                member.name,
+                len(member.failures),
+                self.breaker.window,
+                reason,
+                self.breaker.cooldown,
+            )
+            metrics.BACKEND_COOLDOWNS.labels(member.name).inc()
+            self.set_state(member, State.COOLING_DOWN, f"{len(member.failures)} failures; last: {reason}")
+
+    async def probe(self, member: Member) -> tuple[State, str]:
+        """Ask the backend's health (never a generation): ready, starting, or down with why."""
+        try:
+            info = await member.backend.health()
+        except BackendFailed as e:
+            return State.DOWN, e.message
+        missing = sorted(member.models - set(info.models))
+        if missing:
+            return State.DOWN, f"does not serve {', '.join(missing)}"
+        if info.status != "ready":
+            return (State.STARTING if info.status == "loading" else State.DOWN), info.error or info.status
+        member.learn_tasks(info.tasks)
+        return State.READY, ""
+
+    async def probe_back(self) -> None:
+        """Probe every backend whose cooldown is over and that nothing else probes; bring back the healthy ones."""
+        now = self.clock()
+        for member in self.members:
+            if member.state is State.COOLING_DOWN and not member.probed and now >= member.cooling_until:
+                state, _ = await self.probe(member)
+                if state is State.READY:
+                    self.report_health(member, state)
+                else:
+                    member.cooling_until = self.clock() + self.breaker.cooldown
+
+    async def probe_back_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.probe_back()
+
+    # -- admission ----------------------------------------------------------------------------------------------
 
     def ready(self, model: str, task: str | None = None) -> list[Member]:
         return [
@@ -134,37 +266,71 @@ class Pool:
         ready = self.ready(model)
         return None if not ready else any(m.can(model, task) for m in ready)
 
-    def acquire(self, model: str, work: float, task: str = "text2img") -> Lease:
-        """Admit a request for ``model`` and pick a backend that can run ``task``.
+    def acquire(
+        self,
+        model: str,
+        work: float,
+        task: str = "text2img",
+        *,
+        exclude: Iterable[Member] = (),
+        queue_bound: bool = True,
+    ) -> Lease:
+        """Admit a request for ``model`` and pick a backend that can run ``task`` (none of ``exclude``).
+
+        ``queue_bound=False`` admits past ``max_queue``: for a request already admitted, moving to another backend.
 
         Raises:
-            Unavailable: no backend for the model is ready.
+            Unavailable: no backend for the model is ready (or the pool is draining).
             Overloaded: the model's queue is full.
         """
+        if self.draining:
+            raise Unavailable("The server is shutting down; retry on another instance.", retry_after=1)
         ready = self.ready(model, task)
         if not ready:
             raise Unavailable(f"No worker is ready for model '{model}' yet; try again shortly.", retry_after=5)
+        excluded = set(exclude)
+        candidates = [m for m in ready if m not in excluded]
+        if not candidates:
+            raise Unavailable(f"No other backend is ready for model '{model}'.", retry_after=5)
         config = self.models[model]
         capacity = sum(m.capacity for m in ready)
         waiting = self._outstanding[model] - capacity
-        if waiting >= config.max_queue:
+        if queue_bound and waiting >= config.max_queue:
             estimate = self._avg_seconds[model] * (waiting + 1) / capacity
             raise Overloaded(
                 f"The queue for model '{model}' is full ({config.max_queue} waiting); retry later.",
                 retry_after=max(1.0, math.ceil(estimate)),
             )
-        member = self.policy.choose(ready, work)
+        member = self.policy.choose(candidates, work)
         member.outstanding += 1
         member.outstanding_work += work
+        member.queued += 1
+        member._gauges()
         self._outstanding[model] += 1
+        self._idle.clear()
         self._queued[model] += 1
         metrics.QUEUE_DEPTH.labels(model).set(self._queued[model])
         return Lease(pool=self, member=member, model=model, work=work)
+
+    def _dequeue(self, lease: Lease) -> None:
+        self._queued[lease.model] -= 1
+        metrics.QUEUE_DEPTH.labels(lease.model).set(self._queued[lease.model])
+        lease.member.queued -= 1
+        lease.member._gauges()
 
     def _observe_duration(self, model: str, seconds: float) -> None:
         avg = self._avg_seconds[model]
         self._avg_seconds[model] = seconds if avg == 0 else 0.8 * avg + 0.2 * seconds
 
     def is_ready(self) -> bool:
-        """Every model has at least one ready backend."""
-        return all(self.ready(model) for model in self.models)
+        """Every model has at least one ready backend, and the pool is not draining."""
+        return not self.draining and all(self.ready(model) for model in self.models)
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests from now on and wait up to ``timeout`` seconds for those in flight; True if none is."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True

@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import logging
 
+from app.backends.upstream import UpstreamBackend
 from app.backends.worker import WorkerBackend
 from app.config import Settings
-from app.errors import BackendFailed
-from app.pool.pool import Member, Pool, State
+from app.pool.pool import Member, Pool
 
 log = logging.getLogger("imagegate.remote")
 
@@ -26,6 +26,7 @@ class RemoteWorkers:
         self.pool = pool
         self.interval = interval
         self._tasks: list[asyncio.Task[None]] = []
+        self._upstreams: list[UpstreamBackend] = []
 
     async def start(self) -> None:
         layout: dict[str, list[str]] = {}
@@ -34,29 +35,22 @@ class RemoteWorkers:
                 layout.setdefault(address, []).append(m.name)
         for address, models in layout.items():
             backend = WorkerBackend(f"remote-{address}", address, token=self.settings.worker_token)
-            member = self.pool.add(backend, models)
+            member = self.pool.add(backend, models, probed=True)
             self._tasks.append(asyncio.create_task(self._probe_forever(member), name=f"probe-{address}"))
+        # Upstreams (OpenAI-compatible APIs) are probed the same way: their health() is a cheap GET /models.
+        for u in self.settings.upstreams:
+            upstream = UpstreamBackend(u)
+            self._upstreams.append(upstream)
+            member = self.pool.add(upstream, list(u.models), capacity=u.concurrency, probed=True)
+            self._tasks.append(asyncio.create_task(self._probe_forever(member), name=f"probe-upstream-{u.name}"))
 
     async def _probe_forever(self, member: Member) -> None:
         while True:
-            state, detail = await self._probe(member)
+            state, detail = await self.pool.probe(member)
             if (state, detail) != (member.state, member.detail):
-                log.info("remote worker %s is %s %s", member.name, state.value, detail)
-                self.pool.set_state(member, state, detail)
+                log.info("backend %s probed %s %s", member.name, state.value, detail)
+            self.pool.report_health(member, state, detail)
             await asyncio.sleep(self.interval)
-
-    async def _probe(self, member: Member) -> tuple[State, str]:
-        try:
-            info = await member.backend.health()
-        except BackendFailed as e:
-            return State.DOWN, e.message
-        missing = sorted(member.models - set(info.models))
-        if missing:
-            return State.DOWN, f"does not serve {', '.join(missing)}"
-        if info.status != "ready":
-            return (State.STARTING if info.status == "loading" else State.DOWN), info.error or info.status
-        member.learn_tasks(info.tasks)
-        return State.READY, ""
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -66,3 +60,5 @@ class RemoteWorkers:
         for member in self.pool.members:
             if member.name.startswith("remote-"):
                 await member.backend.close()
+        for upstream in self._upstreams:
+            await upstream.close()

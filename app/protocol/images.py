@@ -15,6 +15,16 @@ Background = Literal["transparent", "opaque", "auto"]
 MAX_SEED = 2**63 - 1
 
 
+class Fallback(msgspec.Struct, kw_only=True):
+    """A fallback model as Bifrost's spec writes it; a plain ``"model"`` or ``"provider/model"`` string works too."""
+
+    model: str
+    provider: str | None = None
+
+
+Fallbacks = Annotated[list[str | Fallback], Meta(max_length=10)]
+
+
 class _ImageOptions(msgspec.Struct, kw_only=True):
     """The fields generations and edits share."""
 
@@ -27,6 +37,7 @@ class _ImageOptions(msgspec.Struct, kw_only=True):
     output_compression: Annotated[int, Meta(ge=0, le=100)] | None = None
     background: Background | None = None
     user: str | None = None
+    fallbacks: Fallbacks | None = None
     stream: bool | None = False
     partial_images: Annotated[int, Meta(ge=0, le=3)] | None = None
     # Diffusion extensions (the SDKs send them through extra_body).
@@ -76,6 +87,7 @@ class ImageVariationRequest(msgspec.Struct, kw_only=True):
     size: str | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    fallbacks: Fallbacks | None = None
     stream: bool | None = False
     # Diffusion extensions.
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None

@@ -12,22 +12,27 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
+import msgspec
+
 from app import metrics
 from app.auth.guard import Guard, Ticket
 from app.auth.principals import ANONYMOUS, Principal
 from app.config import ModelConfig, Settings
 from app.errors import (
     ApiError,
+    BackendFailed,
     Cancelled,
     DeadlineExceeded,
     InvalidRequest,
     NotFound,
     Overloaded,
+    PermissionDenied,
     Unavailable,
     from_worker,
 )
-from app.pool import Lease, Pool
+from app.pool import Lease, Member, Pool
 from app.protocol.images import (
+    Fallback,
     ImageData,
     ImageEditRequest,
     ImageGenCompletedEvent,
@@ -47,6 +52,7 @@ from app.worker.protocol import (
     GenerationParams,
     Image,
     Partial,
+    Progress,
     Started,
     WorkerEvent,
     canonical_scheduler,
@@ -405,62 +411,59 @@ class ImageService:
 
     # -- running ------------------------------------------------------------------------------------------------
 
-    async def _run(self, job: Job, lease: Lease, *, streamed: bool = False) -> AsyncIterator[WorkerEvent]:
-        """The backend's events for ``job``, with metrics, the deadline and failures mapped to :class:`ApiError`.
+    def _fallbacks(self, job: Job, requested: list[str | Fallback] | None, principal: Principal) -> list[str]:
+        """The models to try after ``job``'s own: the request's ``fallbacks`` in order, then the model's."""
+        names: list[str] = []
+        for item in requested or ():
+            name = self._fallback_name(item)
+            if not principal.allows(name):
+                raise PermissionDenied(
+                    f"This key may not use the fallback model '{name}'.", param="fallbacks", code="model_not_allowed"
+                )
+            names.append(name)
+        configured = [m for m in self._models[job.params.model].fallbacks if principal.allows(m)]
+        seen = {job.params.model}
+        return [n for n in [*names, *configured] if not (n in seen or seen.add(n))]  # type: ignore[func-returns-value]
 
-        Usage charges the images delivered: all of them on success; on a failure, those a stream already sent.
+    def _fallback_name(self, item: str | Fallback) -> str:
+        """A served model for a ``fallbacks`` entry: ``model``, ``provider/model`` or ``{provider, model}``."""
+        if isinstance(item, Fallback):
+            candidates = [f"{item.provider}/{item.model}", item.model] if item.provider else [item.model]
+        else:
+            candidates = [item, item.partition("/")[2]]
+        for name in candidates:
+            if name in self._models:
+                return name
+        raise InvalidRequest(
+            f"The fallback model '{candidates[0]}' does not exist. Available: {', '.join(self._models)}.",
+            param="fallbacks",
+            code="model_not_found",
+        )
+
+    def retarget(self, job: Job, name: str) -> Job:
+        """``job`` for the fallback model ``name``.
+
+        Raises:
+            InvalidRequest: that model cannot take the job (its size, steps, images or guidance).
         """
-        model = job.params.model
-        deadline = lease.admitted_at + self.settings.request_timeout
-        events = lease.member.backend.generate(job.params, [i.file for i in job.inputs])
-        outcome, first_partial, delivered = "error", True, 0
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                try:
-                    event = await asyncio.wait_for(anext(events), timeout=max(remaining, 0.001))
-                except StopAsyncIteration:
-                    raise from_worker(Failed(message="the worker ended the stream without a result")) from None
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"The request did not finish within {self.settings.request_timeout:g} seconds."
-                    ) from None
-                if isinstance(event, Started):
-                    metrics.QUEUE_WAIT_SECONDS.labels(model).observe(lease.started())
-                elif isinstance(event, Partial) and first_partial:
-                    first_partial = False
-                    metrics.FIRST_PARTIAL_SECONDS.labels(model).observe(time.monotonic() - lease.admitted_at)
-                elif isinstance(event, Failed):
-                    raise from_worker(event)
-                elif isinstance(event, Image):
-                    delivered += 1
-                yield event
-                if isinstance(event, Done):
-                    outcome = "success"
-                    if lease.started_at is not None:
-                        metrics.GENERATION_SECONDS.labels(model).observe(time.monotonic() - lease.started_at)
-                    return
-        except (asyncio.CancelledError, GeneratorExit, Cancelled):
-            outcome = "cancelled"
-            raise
-        except ApiError as e:
-            log.warning("request %s failed: %s", job.params.request_id, e.message)
-            raise
-        finally:
-            await events.aclose()
-            job.finish(delivered if outcome == "success" or streamed else 0)
-            lease.release(succeeded=outcome == "success")
-            metrics.IMAGES.labels(model, outcome).inc(job.params.n)
+        model = self._models[name]
+        p = job.params
+        self._size(model, f"{p.width}x{p.height}")
+        if p.n > model.max_n or p.steps > model.max_steps:
+            raise InvalidRequest(f"'{name}' takes at most {model.max_n} images and {model.max_steps} steps.")
+        self._guidance(model, p.guidance)
+        scheduler = p.scheduler if p.scheduler in model.schedulers else (model.default_scheduler or None)
+        return replace(job, params=msgspec.structs.replace(p, model=name, scheduler=scheduler))
 
     async def generate(
         self, req: ImageGenerateRequest, base_url: str, principal: Principal = ANONYMOUS
     ) -> ImagesResponse:
         """Run a generation to the end and return every image at once."""
-        return await self.respond(self.prepare(req), base_url, principal)
+        return await self.respond(self.prepare(req), base_url, principal, req.fallbacks)
 
     async def stream(self, req: ImageGenerateRequest, principal: Principal = ANONYMOUS) -> EventStream:
         """Validate and admit now (so errors get their HTTP status); the events follow from the returned stream."""
-        return await self.open_stream(self.prepare(req), principal)
+        return await self.open_stream(self.prepare(req), principal, req.fallbacks)
 
     async def edit(
         self,
@@ -470,46 +473,51 @@ class ImageService:
         base_url: str,
         principal: Principal = ANONYMOUS,
     ) -> ImagesResponse:
-        return await self.respond(self.prepare_edit(req, images, mask), base_url, principal)
+        return await self.respond(self.prepare_edit(req, images, mask), base_url, principal, req.fallbacks)
 
     async def edit_stream(
         self, req: ImageEditRequest, images: list[InputImage], mask: InputImage | None, principal: Principal = ANONYMOUS
     ) -> EventStream:
-        return await self.open_stream(self.prepare_edit(req, images, mask), principal)
+        return await self.open_stream(self.prepare_edit(req, images, mask), principal, req.fallbacks)
 
     async def variation(
         self, req: ImageVariationRequest, images: list[InputImage], base_url: str, principal: Principal = ANONYMOUS
     ) -> ImagesResponse:
-        return await self.respond(self.prepare_variation(req, images), base_url, principal)
+        return await self.respond(self.prepare_variation(req, images), base_url, principal, req.fallbacks)
 
-    async def _admit(self, job: Job, principal: Principal) -> tuple[Job, Lease]:
+    async def _admit(self, job: Job, principal: Principal, fallbacks: list[str | Fallback] | None) -> Run:
         """The principal's limits first, then a place on a backend; on refusal everything is given back."""
         ticket = None
         try:
+            models = self._fallbacks(job, fallbacks, principal)
             if self.guard is not None:
                 ticket = await self.guard.admit(principal, job.params.model, job.params.n)
-            try:
-                lease = self.pool.acquire(job.params.model, job.params.work, job.params.task)
-            except (Overloaded, Unavailable):
-                metrics.IMAGES.labels(job.params.model, "rejected").inc(job.params.n)
-                raise
+            run = Run(self, replace(job, ticket=ticket), models)
+            run.admit()
         except BaseException:
             if ticket is not None:
                 ticket.finish()
             job.close()
             raise
-        return replace(job, ticket=ticket), lease
+        return run
 
-    async def respond(self, job: Job, base_url: str, principal: Principal = ANONYMOUS) -> ImagesResponse:
+    async def respond(
+        self,
+        job: Job,
+        base_url: str,
+        principal: Principal = ANONYMOUS,
+        fallbacks: list[str | Fallback] | None = None,
+    ) -> ImagesResponse:
         """Run ``job`` to the end and return every image at once."""
-        job, lease = await self._admit(job, principal)
+        run = await self._admit(job, principal, fallbacks)
         images: dict[int, bytes] = {}
         prompt_tokens = 0
-        async for event in self._run(job, lease):
+        async for event in run.events(streamed=False):
             if isinstance(event, Started):
                 prompt_tokens = event.prompt_tokens
             elif isinstance(event, Image):
                 images[event.index] = event.data
+        job = run.job
         p = job.params
         if job.response_format == "url":
             base = self.settings.public_url or base_url
@@ -529,11 +537,14 @@ class ImageService:
             usage=job.usage(prompt_tokens, len(images)),
         )
 
-    async def open_stream(self, job: Job, principal: Principal = ANONYMOUS) -> EventStream:
-        job, lease = await self._admit(job, principal)
-        return EventStream(self._stream(job, lease), job, lease)
+    async def open_stream(
+        self, job: Job, principal: Principal = ANONYMOUS, fallbacks: list[str | Fallback] | None = None
+    ) -> EventStream:
+        run = await self._admit(job, principal, fallbacks)
+        return EventStream(self._stream(run), run)
 
-    async def _stream(self, job: Job, lease: Lease) -> AsyncIterator[StreamEvent]:
+    async def _stream(self, run: Run) -> AsyncIterator[StreamEvent]:
+        job = run.job
         p = job.params
         prompt_tokens = 0
         common = {
@@ -543,7 +554,7 @@ class ImageService:
             "output_format": p.output_format,
         }
         # aclosing: when the client goes away, the job's stop must reach the backend now, not at garbage collection.
-        async with contextlib.aclosing(self._run(job, lease, streamed=True)) as events:
+        async with contextlib.aclosing(run.events(streamed=True)) as events:
             async for event in events:
                 if isinstance(event, Started):
                     prompt_tokens = event.prompt_tokens
@@ -567,6 +578,176 @@ class ImageService:
                     )
 
 
+class _BackendLost(Exception):
+    """A backend failed a job for reasons of its own (unreachable, broke off): another backend may run it."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Run:
+    """One admitted request on its way through the pool.
+
+    It starts on the backend it was admitted to. While nothing has reached the client (a streamed request's first
+    partial or completed image; a non-streamed request's answer), a backend that fails the job for reasons of its
+    own is counted against that backend (see the pool's circuit breaker) and the job moves on: to another ready
+    backend of the same model, never one already tried, up to ``max_attempts`` backends; then to the fallback
+    models in order. A failure of the request itself (bad input, out of memory, an error inside the pipeline, a
+    cancellation) is never retried. The request's deadline covers every attempt.
+    """
+
+    def __init__(self, service: ImageService, job: Job, fallbacks: list[str]) -> None:
+        self.service = service
+        self.pool = service.pool
+        self.job = job
+        self.fallbacks = fallbacks
+        self.lease: Lease | None = None
+        self.tried: list[Member] = []
+        self.deadline = time.monotonic() + service.settings.request_timeout
+
+    def _acquire(self, *, retry: bool = False) -> Lease:
+        p = self.job.params
+        return self.pool.acquire(p.model, p.work, p.task, exclude=self.tried, queue_bound=not retry)
+
+    def admit(self) -> None:
+        """Take a place on a backend of the job's model, else on one of its fallback models.
+
+        Raises:
+            Unavailable, Overloaded: the error of the job's own model, when no model could take the job.
+        """
+        try:
+            self.lease = self._acquire()
+        except (Overloaded, Unavailable) as e:
+            metrics.IMAGES.labels(self.job.params.model, "rejected").inc(self.job.params.n)
+            if not self._fall_back(e):
+                raise
+
+    def _fall_back(self, error: ApiError) -> bool:
+        """Move the job to the next fallback model that can take it; False when none is left."""
+        while self.fallbacks:
+            name = self.fallbacks.pop(0)
+            try:
+                job = self.service.retarget(self.job, name)
+                lease = self.pool.acquire(job.params.model, job.params.work, job.params.task)
+            except (InvalidRequest, Overloaded, Unavailable) as e:
+                log.info("fallback %s cannot take %s: %s", name, self.job.params.request_id, e.message)
+                continue
+            log.warning(
+                "request %s falls back from %s to %s: %s",
+                job.params.request_id,
+                self.job.params.model,
+                name,
+                error.message,
+            )
+            metrics.FALLBACKS.labels(self.job.params.model, name).inc()
+            self.job, self.lease, self.tried = job, lease, []
+            return True
+        return False
+
+    def _move_on(self, error: ApiError) -> bool:
+        """After a backend lost the job: another backend of the model, else a fallback model; False if none."""
+        assert self.lease is not None
+        self.tried.append(self.lease.member)
+        if len(self.tried) < self.service.settings.max_attempts:
+            try:
+                self.lease = self._acquire(retry=True)
+            except (Overloaded, Unavailable):
+                pass
+            else:
+                log.warning(
+                    "request %s moves to %s: %s", self.job.params.request_id, self.lease.member.name, error.message
+                )
+                metrics.RETRIES.labels(self.job.params.model).inc()
+                return True
+        return self._fall_back(error)
+
+    async def events(self, *, streamed: bool) -> AsyncIterator[WorkerEvent]:
+        """The job's events from whichever backend runs it to the end; failures as :class:`ApiError`.
+
+        Usage charges the images delivered: all of them on success; on a failure, those a stream already sent.
+        """
+        outcome, delivered, visible = "error", 0, False
+        try:
+            while True:
+                try:
+                    async with contextlib.aclosing(self._attempt()) as attempt:
+                        async for event in attempt:
+                            if isinstance(event, Image):
+                                delivered += 1
+                            visible = visible or (streamed and isinstance(event, Partial | Image))
+                            yield event
+                    outcome = "success"
+                    return
+                except _BackendLost as lost:
+                    if visible or not self._move_on(lost.error):
+                        raise lost.error from None
+                    delivered = 0  # the next backend delivers every image again
+        except (asyncio.CancelledError, GeneratorExit, Cancelled):
+            outcome = "cancelled"
+            raise
+        except ApiError as e:
+            log.warning("request %s failed: %s", self.job.params.request_id, e.message)
+            raise
+        finally:
+            self.job.finish(delivered if outcome == "success" or streamed else 0)
+            if self.lease is not None:
+                self.lease.release(succeeded=False)
+            metrics.IMAGES.labels(self.job.params.model, outcome).inc(self.job.params.n)
+
+    async def _attempt(self) -> AsyncIterator[WorkerEvent]:
+        """One backend's events for the job, with its metrics; raises :class:`_BackendLost` if the backend failed."""
+        lease = self.lease
+        assert lease is not None
+        job, member, model = self.job, lease.member, self.job.params.model
+        events = member.backend.generate(job.params, [i.file for i in job.inputs])
+        timing = metrics.request_timing()
+        first_partial, last_step, succeeded = True, 0.0, False
+        try:
+            while True:
+                waited = time.perf_counter()
+                try:
+                    event = await asyncio.wait_for(anext(events), timeout=max(self.deadline - time.monotonic(), 0.001))
+                except StopAsyncIteration:
+                    raise self._lost(member, BackendFailed("the backend ended the stream without a result")) from None
+                except BackendFailed as e:
+                    raise self._lost(member, e) from None
+                except TimeoutError:
+                    self.pool.failed(member, "did not answer before the request's deadline")
+                    raise DeadlineExceeded(
+                        f"The request did not finish within {self.service.settings.request_timeout:g} seconds."
+                    ) from None
+                finally:
+                    if timing is not None:
+                        timing.backend += time.perf_counter() - waited
+                now = time.monotonic()
+                if isinstance(event, Started):
+                    metrics.QUEUE_WAIT_SECONDS.labels(model).observe(lease.started())
+                    metrics.BATCH_SIZE.labels(model).observe(event.batch_size)
+                elif isinstance(event, Progress):
+                    if last_step:
+                        metrics.STEP_SECONDS.labels(model).observe(now - last_step)
+                    last_step = now
+                elif isinstance(event, Partial) and first_partial:
+                    first_partial = False
+                    metrics.FIRST_PARTIAL_SECONDS.labels(model).observe(now - lease.admitted_at)
+                elif isinstance(event, Failed):
+                    raise from_worker(event)
+                yield event
+                if isinstance(event, Done):
+                    succeeded = True
+                    if lease.started_at is not None:
+                        metrics.GENERATION_SECONDS.labels(model).observe(now - lease.started_at)
+                    return
+        finally:
+            await events.aclose()
+            lease.release(succeeded=succeeded)
+
+    def _lost(self, member: Member, error: BackendFailed) -> _BackendLost:
+        self.pool.failed(member, error.message)
+        return _BackendLost(error)
+
+
 class EventStream:
     """The events of one admitted, streamed request.
 
@@ -574,17 +755,17 @@ class EventStream:
     when the client went away before the first event was asked for.
     """
 
-    def __init__(self, events: AsyncIterator[StreamEvent], job: Job, lease: Lease) -> None:
+    def __init__(self, events: AsyncIterator[StreamEvent], run: Run) -> None:
         self._events = events
-        self._job = job
-        self._lease = lease
+        self._run = run
 
     def __aiter__(self) -> AsyncIterator[StreamEvent]:
         return self._events
 
     async def aclose(self) -> None:
         await self._events.aclose()  # type: ignore[attr-defined]
-        self._job.finish()  # a no-op for the ticket if the stream ran: its end already finished it
-        if not self._lease.released:
-            self._lease.release(succeeded=False)
-            metrics.IMAGES.labels(self._job.params.model, "cancelled").inc(self._job.params.n)
+        run = self._run
+        run.job.finish()  # a no-op for the ticket if the stream ran: its end already finished it
+        if run.lease is not None and not run.lease.released:
+            run.lease.release(succeeded=False)
+            metrics.IMAGES.labels(run.job.params.model, "cancelled").inc(run.job.params.n)

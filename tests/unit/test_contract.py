@@ -73,6 +73,7 @@ REQUEST_STRUCTS = {
     protocol.ImageGenerateRequest,
     protocol.ImageEditRequest,
     protocol.ImageRef,
+    protocol.Fallback,
     protocol.ImageEditJsonRequest,
     protocol.ImageVariationRequest,
     admin_protocol.KeyCreate,
