@@ -54,6 +54,9 @@ BACKEND_STATE = Gauge(
     "1 for the backend's current state (starting, ready, cooling_down, down), 0 for the others.",
     ["backend", "state"],
 )
+BACKEND_REQUESTS = Counter(
+    "imagegate_backend_requests_total", "Requests the gateway sent to the backend (each attempt counts).", ["backend"]
+)
 BACKEND_IN_FLIGHT = Gauge("imagegate_backend_in_flight", "Requests the gateway has on the backend.", ["backend"])
 BACKEND_QUEUE_DEPTH = Gauge(
     "imagegate_backend_queue_depth", "Requests sent to the backend that it has not started yet.", ["backend"]

@@ -173,8 +173,8 @@ class Pool:
         self.members.append(member)
         self.set_state(member, state)
         member._gauges()
-        metrics.BACKEND_FAILURES.labels(member.name)
-        metrics.BACKEND_COOLDOWNS.labels(member.name)
+        for counter in (metrics.BACKEND_REQUESTS, metrics.BACKEND_FAILURES, metrics.BACKEND_COOLDOWNS):
+            counter.labels(member.name)
         return member
 
     # -- health -------------------------------------------------------------------------------------------------
@@ -302,6 +302,7 @@ class Pool:
                 retry_after=max(1.0, math.ceil(estimate)),
             )
         member = self.policy.choose(candidates, work)
+        metrics.BACKEND_REQUESTS.labels(member.name).inc()
         member.outstanding += 1
         member.outstanding_work += work
         member.queued += 1

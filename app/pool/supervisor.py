@@ -49,18 +49,25 @@ class Supervisor:
         self._stopping = False
         self._settings_file = runtime_dir / "settings.json"
 
-    def _layout(self) -> dict[str, list[str]]:
-        devices: dict[str, list[str]] = {}
+    def _layout(self) -> dict[tuple[str, int], list[str]]:
+        """(device, k) -> the models on the device's k-th worker: a device listed twice runs two workers."""
+        workers: dict[tuple[str, int], list[str]] = {}
         for m in self.settings.resolved_models():
+            seen: dict[str, int] = {}
             for d in m.devices:
-                devices.setdefault(d, []).append(m.name)
-        return devices
+                k = seen[d] = seen.get(d, -1) + 1
+                workers.setdefault((d, k), []).append(m.name)
+        return workers
+
+    @staticmethod
+    def _name(device: str, k: int) -> str:
+        return f"local-{device.replace(':', '')}" + (f"-{k + 1}" if k else "")
 
     async def start(self) -> None:
         layout = self._layout()
         if layout and importlib.util.find_spec("torch") is None:
-            for device, models in layout.items():
-                member = self.pool.add(WorkerBackend(f"local-{device.replace(':', '')}", "unix:/nonexistent"), models)
+            for (device, k), models in layout.items():
+                member = self.pool.add(WorkerBackend(self._name(device, k), "unix:/nonexistent"), models)
                 self.pool.set_state(member, State.DOWN, "the worker extra is not installed")
             log.error(
                 "models %s name local devices, but torch and diffusers are not installed here: install "
@@ -71,9 +78,9 @@ class Supervisor:
         self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._settings_file.write_bytes(msgspec.json.encode(self.settings))
         self._settings_file.chmod(0o600)
-        for i, (device, models) in enumerate(layout.items()):
+        for i, ((device, k), models) in enumerate(layout.items()):
             sock = self.runtime_dir / f"w{i}.sock"
-            name = f"local-{device.replace(':', '')}"
+            name = self._name(device, k)
             backend = WorkerBackend(name, f"unix:{sock}", connect_timeout=5.0)
             worker = LocalWorker(device=device, models=models, socket_path=sock, member=self.pool.add(backend, models))
             worker.task = asyncio.create_task(self._keep_running(worker), name=f"supervise-{name}")
