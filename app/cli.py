@@ -77,6 +77,13 @@ def serve(config: str | None, **overrides: Any) -> None:
         warning = startup.check(settings)
     except startup.InsecureBind as e:
         raise click.UsageError(str(e)) from None
+    unset = [
+        f"{u.api_key_env} (upstream {u.name})"
+        for u in settings.upstreams
+        if u.api_key_env and not os.getenv(u.api_key_env)
+    ]
+    if unset:
+        raise click.UsageError(f"environment variables not set: {', '.join(unset)}")
     if warning:
         logging.getLogger("imagegate").warning(warning)
     logging.getLogger("imagegate").info(
