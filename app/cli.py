@@ -136,7 +136,14 @@ def worker(
     if not listen.startswith("unix:") and not (token or settings.worker_token):
         logging.getLogger("imagegate.worker").warning("listening on TCP without a worker token")
     code = asyncio.run(
-        serve_worker(device, listen, chosen, token=token or settings.worker_token, parent_pid=kw["parent_pid"])
+        serve_worker(
+            device,
+            listen,
+            chosen,
+            token=token or settings.worker_token,
+            parent_pid=kw["parent_pid"],
+            batch_window_ms=settings.batch_window_ms,
+        )
     )
     logging.shutdown()
     os._exit(code)  # a model still loading on the engine thread must not hold the process

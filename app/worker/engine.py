@@ -1,8 +1,25 @@
-"""The worker's engine: one device, its pipelines, a FIFO of jobs run one at a time on a dedicated thread."""
+"""The worker's engine: one device, its pipelines, and a queue of jobs run in batches on a dedicated thread.
+
+Forming a batch (:meth:`Engine._next_batch`): the oldest queued job always starts the next batch. Queued jobs that
+can share its pipeline call (equal :func:`batch_key`: model, task, size, steps, guidance, scheduler, strength) join it
+in arrival order while the batch's output pixels (width x height x n, summed) stay within the model's
+``max_batch_pixels``. Jobs that cannot join are passed over and keep their place in the queue, so they hold up
+nobody behind them. A batch that still has room waits up to ``batch_window_ms`` for more jobs to arrive; a full
+batch starts at once. With ``max_batch_pixels = 0``, and for background removal, every job runs alone.
+
+Running a batch (:meth:`Engine._run`): one ``pipe(...)`` call with one prompt, one negative prompt and one CPU
+generator (seeded ``seed + i``) per image, so an image does not depend on the batch it ran in. Each job keeps its
+own events: ``Started`` (with the batch's size), its progress, its partial images on its own schedule (decoded from
+its rows of the batch), its images and ``Done``. A cancelled job ends at the next denoising step while the others go
+on; the call stops only when every job in it is cancelled. When a batch of several fails with an out-of-memory or
+invalid-input error, its jobs run again one at a time, so only the job at fault fails.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import threading
 import time
@@ -32,9 +49,13 @@ from app.worker.protocol import (
 
 log = logging.getLogger("imagegate.worker")
 
+# Pipelines that encode a missing negative prompt as "", so jobs with and without one can share a call. Others
+# cannot: SDXL zeroes the embedding of a missing one, Flux runs true CFG only when one is given.
+EMPTY_NEGATIVE_PROMPT_PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusion3Pipeline"})
+
 
 class JobCancelled(Exception):
-    """Raised inside the denoising loop when the job's client has gone away."""
+    """Raised inside the denoising loop when every job of the pipeline call has been cancelled."""
 
 
 @dataclass(eq=False)
@@ -42,24 +63,56 @@ class Job:
     params: GenerationParams
     image: bytes | None = None
     mask: bytes | None = None
+    key: tuple | None = None
+    """Jobs with equal keys can share a pipeline call; None: this job always runs alone."""
     events: asyncio.Queue[WorkerEvent] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def pixels(self) -> int:
+        """Output pixels, counted against the model's ``max_batch_pixels``."""
+        return self.params.width * self.params.height * self.params.n
 
     def cancel(self) -> None:
         self.cancelled.set()
 
 
-class Engine:
-    """Runs jobs on one device, in arrival order, streaming each job's events to its queue."""
+def batch_key(params: GenerationParams, loaded: LoadedModel) -> tuple | None:
+    """What must be equal for jobs to share one pipeline call; None for a job that never shares one."""
+    p = params
+    if p.task == "background_removal":
+        return None
+    key = (p.model, p.task, p.width, p.height, p.steps, p.guidance, p.scheduler, p.strength)
+    if type(loaded.pipe).__name__ not in EMPTY_NEGATIVE_PROMPT_PIPELINES:
+        key += (bool(p.negative_prompt),)
+    return key
 
-    def __init__(self, device: str, models: list[ModelConfig]) -> None:
+
+@dataclass(eq=False)
+class _Run:
+    """A job while the engine thread runs it: where its events go, and how it ended."""
+
+    job: Job
+    emit: Callable[[WorkerEvent], None]
+    outcome: str = ""
+    """Empty while it runs, then the health counter to bump: completed, cancelled or failed."""
+    partials_sent: int = 0
+    """Partial images sent so far (of each of its images); a rerun alone goes on from there."""
+
+
+class Engine:
+    """Runs batches of jobs on one device, oldest job first, streaming each job's events to its queue."""
+
+    def __init__(self, device: str, models: list[ModelConfig], *, batch_window_ms: float = 5.0) -> None:
         self.device = device
         self.configs = models
+        self.batch_window = batch_window_ms / 1000
         self.models: dict[str, LoadedModel] = {}
         self.status = "loading"
         self.error: str | None = None
-        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._waiting: list[Job] = []
+        self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{device}")
         # Encoding images (PNG/JPEG/WebP) happens here, in order, while the engine thread denoises on.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{device}")
@@ -94,7 +147,7 @@ class Engine:
             status=self.status,  # type: ignore[arg-type]
             device=self.device,
             models=[m.name for m in self.configs],
-            queued=self._queue.qsize(),
+            queued=len(self._waiting),
             running=self.running,
             completed=self.completed,
             cancelled=self.cancelled,
@@ -112,67 +165,129 @@ class Engine:
             job.events.put_nowait(Failed(f"model {params.model!r} cannot run {params.task}", "invalid_request"))
         elif params.task != "text2img" and image is None:
             job.events.put_nowait(Failed(f"{params.task} needs an input image", "invalid_request"))
+        elif params.negative_prompt and "negative_prompt" not in loaded.call_params:
+            job.events.put_nowait(Failed(f"model {params.model!r} does not take a negative_prompt", "invalid_request"))
         else:
-            self._queue.put_nowait(job)
+            job.key = batch_key(params, loaded)
+            self._waiting.append(job)
+            self._arrived.set()
         return job
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            job = await self._queue.get()
-            if job.cancelled.is_set():
-                self.cancelled += 1
-                continue
-            self.running += 1
-
-            def emit(event: WorkerEvent, job: Job = job) -> None:
-                loop.call_soon_threadsafe(job.events.put_nowait, event)
-
+            batch = await self._next_batch()
+            runs = [_Run(job, functools.partial(loop.call_soon_threadsafe, job.events.put_nowait)) for job in batch]
+            self.running += len(runs)
             try:
-                outcome = await loop.run_in_executor(self._executor, self._run, job, emit)
+                await loop.run_in_executor(self._executor, self._run, runs)
             finally:
-                self.running -= 1
-            setattr(self, outcome, getattr(self, outcome) + 1)
+                self.running -= len(runs)
+            for run in runs:
+                setattr(self, run.outcome, getattr(self, run.outcome) + 1)
 
-    def _run(self, job: Job, emit: Callable[[WorkerEvent], None]) -> str:
-        """Run ``job`` on the engine thread; returns the outcome counter to bump."""
-        p = job.params
-        loaded = self.models[p.model]
+    async def _next_batch(self) -> list[Job]:
+        """The oldest queued job and the queued jobs that can join it, waiting the batch window while it has room."""
+        while not self._drop_cancelled():
+            self._arrived.clear()
+            await self._arrived.wait()
+        first = self._waiting.pop(0)
+        batch = [first]
+        capacity = self.models[first.params.model].config.max_batch_pixels
+        if first.key is None or capacity == 0:
+            return batch
+        used = first.pixels
+        smallest = first.params.width * first.params.height  # the least a compatible job can add
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_window
+        while True:
+            for job in self._drop_cancelled():
+                if job.key == first.key and used + job.pixels <= capacity:
+                    self._waiting.remove(job)
+                    batch.append(job)
+                    used += job.pixels
+            remaining = deadline - loop.time()
+            if used + smallest > capacity or remaining <= 0:
+                return batch
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    def _drop_cancelled(self) -> list[Job]:
+        """Forget queued jobs whose client went away; returns (a copy of) the rest, oldest first."""
+        kept = [job for job in self._waiting if not job.cancelled.is_set()]
+        self.cancelled += len(self._waiting) - len(kept)
+        self._waiting[:] = kept
+        return list(kept)
+
+    def _run(self, runs: list[_Run]) -> None:
+        """Run one batch on the engine thread; every run has an outcome when this returns."""
         t0 = time.monotonic()
+        loaded = self.models[runs[0].job.params.model]
+        for run in runs:
+            tokens = loaded.count_tokens(run.job.params.prompt)
+            run.emit(Started(queue_seconds=t0 - run.job.enqueued_at, prompt_tokens=tokens, batch_size=len(runs)))
+        self._attempt(loaded, runs, t0)
+
+    def _attempt(self, loaded: LoadedModel, runs: list[_Run], t0: float) -> None:
+        """Run ``runs`` in one pipeline call and end each of them (see the module docstring on failures)."""
         try:
-            emit(Started(queue_seconds=t0 - job.enqueued_at, prompt_tokens=loaded.count_tokens(p.prompt)))
-            if p.task == "background_removal":
-                images = self._remove_background(loaded, job)
+            if runs[0].job.params.task == "background_removal":
+                pictures = self._remove_background(loaded, runs[0].job)
             else:
-                images = self._denoise(loaded, job, emit)
-
-            def finals() -> list[WorkerEvent]:
-                events: list[WorkerEvent] = [
-                    Image(index=i, data=encode_image(im, p.output_format, p.output_compression), seed=p.seed + i)
-                    for i, im in enumerate(images)
-                ]
-                return [*events, Done(seconds=time.monotonic() - t0)]
-
-            self._encode(finals, emit)
-            return "completed"
+                pictures = self._denoise(loaded, runs)
         except JobCancelled:
-            self._encode(lambda: [Failed("the client went away", "cancelled")], emit)
-            return "cancelled"
-        except ValueError as e:
-            message = str(e)
-            self._encode(lambda: [Failed(message, "invalid_request")], emit)
-            return "failed"
-        except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            message = f"out of memory on {self.device} for {p.width}x{p.height} x{p.n}"
-            self._encode(lambda: [Failed(message, "out_of_memory")], emit)
-            return "failed"
+            return  # each run ended when its cancellation was seen
         except Exception as e:
-            log.exception("job %s failed", p.request_id)
-            message = f"{type(e).__name__}: {e}"
-            self._encode(lambda: [Failed(message, "internal")], emit)
-            return "failed"
+            live = [run for run in runs if not run.outcome]
+            if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if isinstance(e, torch.OutOfMemoryError | ValueError):
+                if len(live) > 1:
+                    log.info("a batch of %d failed (%s); running its jobs one at a time", len(live), type(e).__name__)
+                    for run in live:
+                        self._attempt(loaded, [run], t0)
+                    return
+            else:
+                log.exception("job(s) %s failed", ", ".join(run.job.params.request_id for run in live))
+            for run in live:
+                self._end(run, "failed", functools.partial(self._failure, e, run.job.params))
+            return
+        live = self._live(runs)
+        start = 0
+        for run in runs:
+            n = run.job.params.n
+            if run in live:
+                self._end(run, "completed", functools.partial(self._finals, run, pictures[start : start + n], t0))
+            start += n
+
+    def _failure(self, error: Exception, p: GenerationParams) -> list[WorkerEvent]:
+        if isinstance(error, ValueError):
+            return [Failed(str(error), "invalid_request")]
+        if isinstance(error, torch.OutOfMemoryError):
+            return [Failed(f"out of memory on {self.device} for {p.width}x{p.height} x{p.n}", "out_of_memory")]
+        return [Failed(f"{type(error).__name__}: {error}", "internal")]
+
+    @staticmethod
+    def _finals(run: _Run, pictures: list, t0: float) -> list[WorkerEvent]:
+        p = run.job.params
+        events: list[WorkerEvent] = [
+            Image(index=i, data=encode_image(im, p.output_format, p.output_compression), seed=p.seed + i)
+            for i, im in enumerate(pictures)
+        ]
+        return [*events, Done(seconds=time.monotonic() - t0)]
+
+    def _live(self, runs: list[_Run]) -> list[_Run]:
+        """The runs still going, once those whose client has gone away are ended as cancelled."""
+        for run in runs:
+            if not run.outcome and run.job.cancelled.is_set():
+                self._end(run, "cancelled", lambda: [Failed("the client went away", "cancelled")])
+        return [run for run in runs if not run.outcome]
+
+    def _end(self, run: _Run, outcome: str, make: Callable[[], list[WorkerEvent]]) -> None:
+        """Send ``run``'s last events (made on the encoder thread); it gets no event after them."""
+        run.outcome = outcome
+        self._encode(make, run.emit)
 
     def _encode(self, make: Callable[[], list[WorkerEvent]], emit: Callable[[WorkerEvent], None]) -> None:
         """Build events on the encoder thread and emit them in submission order."""
@@ -200,84 +315,113 @@ class Engine:
         return [images.cut_out(image, foreground)] * p.n
 
     @staticmethod
-    def _inputs(job: Job) -> dict:
-        """The pipeline arguments that carry an edit's image and mask."""
+    def _edit_input(job: Job) -> tuple[PILImage.Image, PILImage.Image | None]:
+        """An edit's input image and redraw mask (None for img2img), at the output size."""
         p = job.params
-        if p.task == "text2img":
-            return {"height": p.height, "width": p.width}
         image = images.load(job.image)  # type: ignore[arg-type]
         mask = images.load(job.mask) if job.mask else None
         if p.task == "img2img":
-            return {"image": images.resized(images.rgb(image), p.width, p.height), "strength": p.strength}
+            return images.resized(images.rgb(image), p.width, p.height), None
         if p.task == "outpaint":
-            canvas, redraw = images.outpaint_canvas(image, p.width, p.height, mask)
-        else:
-            canvas = images.resized(images.rgb(image), p.width, p.height)
-            redraw = images.resized(images.redraw_mask(mask), p.width, p.height, PILImage.Resampling.NEAREST)  # type: ignore[arg-type]
-        return {"image": canvas, "mask_image": redraw, "height": p.height, "width": p.width, "strength": p.strength}
+            return images.outpaint_canvas(image, p.width, p.height, mask)
+        canvas = images.resized(images.rgb(image), p.width, p.height)
+        return canvas, images.resized(images.redraw_mask(mask), p.width, p.height, PILImage.Resampling.NEAREST)  # type: ignore[arg-type]
 
-    def _denoise(self, loaded: LoadedModel, job: Job, emit: Callable[[WorkerEvent], None]) -> list:
-        p = job.params
+    @classmethod
+    def _inputs(cls, runs: list[_Run]) -> dict:
+        """The pipeline arguments for the output size and an edit's images and masks (one per output image)."""
+        p = runs[0].job.params
+        if p.task == "text2img":
+            return {"height": p.height, "width": p.width}
+        pictures, masks = [], []
+        for run in runs:
+            picture, mask = cls._edit_input(run.job)
+            pictures += [picture] * run.job.params.n
+            masks += [mask] * run.job.params.n
+        if p.task == "img2img":
+            return {"image": pictures, "strength": p.strength}
+        return {"image": pictures, "mask_image": masks, "height": p.height, "width": p.width, "strength": p.strength}
+
+    def _denoise(self, loaded: LoadedModel, runs: list[_Run]) -> list:
+        """One pipeline call for ``runs`` (which share a batch key); returns their images in order, ``n`` each."""
+        p = runs[0].job.params
+        if not self._live(runs):
+            raise JobCancelled
         scheduler = loaded.make_scheduler(p.scheduler)
         pipe = loaded.pipeline_for(p.task, scheduler)
-        if p.negative_prompt and "negative_prompt" not in loaded.call_params:
-            raise ValueError(f"model {p.model!r} does not take a negative_prompt")
         tracker = X0Tracker(scheduler)
-        # Noise comes from CPU generators, so a seed gives the same image on any device and in any batch.
-        generators = [torch.Generator("cpu").manual_seed(p.seed + i) for i in range(p.n)]
-        marks: list[int] = []
-        sent = [0] * p.n
+        rows: dict[_Run, list[int]] = {}  # a run's images in the call
+        start = 0
+        for run in runs:
+            rows[run] = list(range(start, start + run.job.params.n))
+            start += run.job.params.n
+        marks: dict[_Run, list[int]] = {}
 
         def on_step(pipe_, i: int, t, kwargs: dict) -> dict:
-            if job.cancelled.is_set():
+            live = self._live(runs)
+            if not live:
                 raise JobCancelled
             total = getattr(pipe_, "num_timesteps", None) or p.steps
             step = i + 1
-            emit(Progress(step=step, total=total))
-            if p.partial_images and not marks:
-                marks.extend(preview_steps(total, p.partial_images))
-            due = marks.count(step)
+            if not marks:
+                marks.update({run: preview_steps(total, run.job.params.partial_images) for run in runs})
+            for run in live:
+                run.emit(Progress(step=step, total=total))
+            # A run is owed the partial images whose steps have passed (a rerun skips those it has sent already).
+            owed = {run: sum(m <= step for m in marks[run]) for run in live}
+            due = [run for run in live if owed[run] > run.partials_sent]
             if due:
                 x0 = tracker.latest if tracker.latest is not None else kwargs["latents"]
-                pictures = loaded.previewer(x0, p.width, p.height)
-                first = list(sent)
-                for index in range(len(sent)):
-                    sent[index] += due
-
-                def partials(pictures=pictures, first=first) -> list[WorkerEvent]:
-                    encoded = [encode_image(im, p.output_format, p.output_compression, fast=True) for im in pictures]
-                    return [
-                        Partial(image_index=index, partial_index=first[index] + k, data=data)
-                        for k in range(due)
-                        for index, data in enumerate(encoded)
-                    ]
-
-                self._encode(partials, emit)
-            tracker.wanted = bool(marks) and (step + 1) in marks
+                pictures = loaded.previewer(x0[[row for run in due for row in rows[run]]], p.width, p.height)
+                for run in due:
+                    n = run.job.params.n
+                    self._send_partials(run, pictures[:n], owed[run])
+                    pictures = pictures[n:]
+            tracker.wanted = any(step + 1 in marks[run] for run in live)
             return kwargs
 
-        if p.partial_images:
-            expected = max(1, int(p.steps * (p.strength or 1.0)))
-            tracker.wanted = 1 in preview_steps(expected, p.partial_images)
+        expected = max(1, int(p.steps * (p.strength or 1.0)))
+        tracker.wanted = any(1 in preview_steps(expected, run.job.params.partial_images) for run in runs)
         kwargs = {
-            **self._inputs(job),
-            "prompt": p.prompt,
+            **self._inputs(runs),
+            "prompt": [run.job.params.prompt for run in runs for _ in rows[run]],
             "num_inference_steps": p.steps,
             "guidance_scale": p.guidance,
-            "num_images_per_prompt": p.n,
-            "generator": generators,
+            "num_images_per_prompt": 1,
+            # Noise comes from CPU generators, so a seed gives the same image on any device and in any batch.
+            "generator": [
+                torch.Generator("cpu").manual_seed(run.job.params.seed + i)
+                for run in runs
+                for i in range(run.job.params.n)
+            ],
             "callback_on_step_end": on_step,
             "callback_on_step_end_tensor_inputs": ["latents"],
             "output_type": "pil",
         }
-        if p.negative_prompt:
-            kwargs["negative_prompt"] = p.negative_prompt
+        if any(run.job.params.negative_prompt for run in runs):
+            kwargs["negative_prompt"] = [run.job.params.negative_prompt or "" for run in runs for _ in rows[run]]
         return pipe(**kwargs).images
+
+    def _send_partials(self, run: _Run, pictures: list, upto: int) -> None:
+        """Send ``run`` its partial images numbered from ``partials_sent`` to ``upto`` (all showing ``pictures``)."""
+        p = run.job.params
+        first, run.partials_sent = run.partials_sent, upto
+
+        def partials() -> list[WorkerEvent]:
+            encoded = [encode_image(im, p.output_format, p.output_compression, fast=True) for im in pictures]
+            return [
+                Partial(image_index=index, partial_index=k, data=data)
+                for k in range(first, upto)
+                for index, data in enumerate(encoded)
+            ]
+
+        self._encode(partials, run.emit)
 
     async def stop(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
-        while not self._queue.empty():
-            self._queue.get_nowait().cancel()
+        for job in self._waiting:
+            job.cancel()
+        self._waiting.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._encoder.shutdown(wait=False, cancel_futures=True)

@@ -79,10 +79,16 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
 
 
 async def serve(
-    device: str, listen: str, models: list[ModelConfig], *, token: str = "", parent_pid: int | None = None
+    device: str,
+    listen: str,
+    models: list[ModelConfig],
+    *,
+    token: str = "",
+    parent_pid: int | None = None,
+    batch_window_ms: float = 5.0,
 ) -> int:
     """Listen on ``listen`` at once (health answers ``loading``), load the models, serve until stopped."""
-    engine = Engine(device, models)
+    engine = Engine(device, models, batch_window_ms=batch_window_ms)
     runner = web.AppRunner(build_app(engine, token), handler_cancellation=True, access_log=None)
     await runner.setup()
     if listen.startswith("unix:"):

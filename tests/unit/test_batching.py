@@ -1,0 +1,355 @@
+"""Dynamic batching in the worker's engine, in process, on the demo model (real diffusers, CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from app.config import demo_model
+from app.worker.engine import Engine, Job
+from app.worker.pipelines import create_demo_model, quiet_libraries
+from app.worker.protocol import Done, Failed, GenerationParams, Image, Partial, Progress, Started, WorkerEvent
+
+MODEL = "imagegate-demo"
+SIDE = 64
+STEPS = 8
+# Most a pixel may differ between an image made alone and in a batch (float noise of batched kernels).
+TOLERANCE = 3
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Iterator[Path]:
+    quiet_libraries()
+    path = tmp_path_factory.mktemp("batching")
+    create_demo_model(path / "models" / MODEL)
+    # One thread: on a busy machine, OpenMP threads spinning against other processes make each call 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield path
+    torch.set_num_threads(threads)
+
+
+async def started_engine(data_dir: Path, *, max_batch_pixels: int = 2_097_152, window_ms: float = 5.0) -> Engine:
+    config = demo_model(str(data_dir))
+    config.max_batch_pixels = max_batch_pixels
+    engine = Engine("cpu", [config], batch_window_ms=window_ms)
+    await engine.start()
+    return engine
+
+
+@pytest.fixture
+async def engine(data_dir):
+    engine = await started_engine(data_dir)
+    yield engine
+    await engine.stop()
+
+
+def params(seed: int, **kw) -> GenerationParams:
+    base = {"model": MODEL, "prompt": f"prompt {seed}", "width": SIDE, "height": SIDE, "steps": STEPS}
+    return GenerationParams(**{**base, "guidance": 7.5, "seed": seed, "scheduler": "ddim", **kw})
+
+
+async def events_of(job: Job) -> list[WorkerEvent]:
+    """Every event of ``job`` up to and including its Done or Failed."""
+    events: list[WorkerEvent] = []
+    while not events or not isinstance(events[-1], Done | Failed):
+        events.append(await asyncio.wait_for(job.events.get(), 120))
+    return events
+
+
+async def run_all(engine: Engine, *jobs: tuple[GenerationParams, bytes | None, bytes | None]) -> list[list]:
+    """Submit ``jobs`` in one go (so they queue together) and collect their events."""
+    submitted = [engine.submit(p, image, mask) for p, image, mask in jobs]
+    return list(await asyncio.gather(*(events_of(job) for job in submitted)))
+
+
+async def alone(engine: Engine, p: GenerationParams, image: bytes | None = None, mask: bytes | None = None) -> list:
+    [events] = await run_all(engine, (p, image, mask))
+    assert started(events).batch_size == 1
+    return pictures(events)
+
+
+def started(events: list[WorkerEvent]) -> Started:
+    [event] = [e for e in events if isinstance(e, Started)]
+    return event
+
+
+def pictures(events: list[WorkerEvent]) -> list[np.ndarray]:
+    assert isinstance(events[-1], Done), events[-1]
+    found = [e for e in events if isinstance(e, Image)]
+    assert [e.index for e in found] == list(range(len(found)))
+    return [np.asarray(PILImage.open(io.BytesIO(e.data)).convert("RGB"), dtype=np.int16) for e in found]
+
+
+def partial_pictures(events: list[WorkerEvent]) -> list[np.ndarray]:
+    found = sorted((e for e in events if isinstance(e, Partial)), key=lambda e: (e.image_index, e.partial_index))
+    return [np.asarray(PILImage.open(io.BytesIO(e.data)).convert("RGB"), dtype=np.int16) for e in found]
+
+
+def assert_same(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert np.abs(x - y).max() <= TOLERANCE
+
+
+def png(colour: tuple[int, int, int], mode: str = "RGB", size: tuple[int, int] = (SIDE, SIDE)) -> bytes:
+    buf = io.BytesIO()
+    PILImage.new(mode, size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def hole_mask() -> bytes:
+    mask = PILImage.new("RGBA", (SIDE, SIDE), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))
+    buf = io.BytesIO()
+    mask.save(buf, "PNG")
+    return buf.getvalue()
+
+
+async def test_compatible_jobs_form_one_batch_with_the_images_they_make_alone(engine):
+    jobs = [params(seed) for seed in (1, 2, 3, 4)]
+    together = await run_all(engine, *((p, None, None) for p in jobs))
+    assert [started(events).batch_size for events in together] == [4, 4, 4, 4]
+    for p, events in zip(jobs, together, strict=True):
+        assert_same(pictures(events), await alone(engine, p))
+    assert (engine.health().completed, engine.health().failed, engine.health().running) == (8, 0, 0)
+
+
+async def test_the_images_differ_by_seed(engine):
+    # The equality checks above mean something only if different seeds make different images.
+    a, b = await run_all(engine, (params(1), None, None), (params(2), None, None))
+    assert np.abs(pictures(a)[0] - pictures(b)[0]).max() > 20
+
+
+async def test_negative_prompts_mix_with_jobs_without_one(engine):
+    jobs = [params(1, negative_prompt="blurry"), params(2), params(3, negative_prompt="dark")]
+    together = await run_all(engine, *((p, None, None) for p in jobs))
+    assert [started(events).batch_size for events in together] == [3, 3, 3]
+    for p, events in zip(jobs, together, strict=True):
+        assert_same(pictures(events), await alone(engine, p))
+
+
+async def test_each_job_gets_its_own_partial_images(engine):
+    jobs = [params(1, partial_images=1), params(2), params(3, n=2, partial_images=3), params(4, partial_images=2)]
+    together = await run_all(engine, *((p, None, None) for p in jobs))
+    assert {started(events).batch_size for events in together} == {4}
+    for p, events in zip(jobs, together, strict=True):
+        partials = [(e.image_index, e.partial_index) for e in events if isinstance(e, Partial)]
+        expected = {(i, k) for i in range(p.n) for k in range(p.partial_images)}
+        assert sorted(partials) == sorted(expected)
+        assert len(pictures(events)) == p.n
+        progress = [e.step for e in events if isinstance(e, Progress)]
+        assert progress == list(range(1, STEPS + 1))
+        # Its partial images show its own images, as they do when it runs alone.
+        [unbatched] = await run_all(engine, (p, None, None))
+        assert started(unbatched).batch_size == 1
+        assert_same(partial_pictures(events), partial_pictures(unbatched))
+
+
+async def test_a_job_with_two_images_batches_with_a_job_with_one(engine):
+    two, one = params(10, n=2), params(20)
+    a, b = await run_all(engine, (two, None, None), (one, None, None))
+    assert started(a).batch_size == started(b).batch_size == 2
+    assert [(e.index, e.seed) for e in a if isinstance(e, Image)] == [(0, 10), (1, 11)]
+    assert [(e.index, e.seed) for e in b if isinstance(e, Image)] == [(0, 20)]
+    assert_same(pictures(a), await alone(engine, two))
+    assert_same(pictures(b), await alone(engine, one))
+
+
+async def test_cancelling_one_job_leaves_the_others_alone(engine):
+    steps = 40
+    jobs = [params(seed, steps=steps) for seed in (1, 2, 3)]
+    submitted = [engine.submit(p) for p in jobs]
+    victim = submitted[1]
+    seen = []
+    while not any(isinstance(e, Progress) for e in seen):
+        seen.append(await asyncio.wait_for(victim.events.get(), 120))
+    victim.cancel()
+    survivors = await asyncio.gather(events_of(submitted[0]), events_of(submitted[2]))
+    rest = await events_of(victim)
+    assert isinstance(rest[-1], Failed) and rest[-1].kind == "cancelled"
+    assert not any(isinstance(e, Image | Done) for e in rest)
+    assert victim.events.empty()  # nothing after Failed, though the batch went on
+    for p, events in zip([jobs[0], jobs[2]], survivors, strict=True):
+        assert started(events).batch_size == 3
+        assert len([e for e in events if isinstance(e, Progress)]) == steps
+        assert_same(pictures(events), await alone(engine, p))
+    health = engine.health()
+    assert (health.completed, health.cancelled, health.failed, health.running) == (4, 1, 0, 0)
+
+
+async def test_cancelling_every_job_stops_the_pipeline_call(engine):
+    steps = 60
+    submitted = [engine.submit(params(seed, steps=steps)) for seed in (1, 2)]
+    first = await asyncio.wait_for(submitted[0].events.get(), 120)
+    assert isinstance(first, Started)
+    for job in submitted:
+        job.cancel()
+    for job in submitted:
+        events = await events_of(job)
+        assert events[-1] == Failed("the client went away", "cancelled")
+        assert len([e for e in events if isinstance(e, Progress)]) < steps
+    # The engine is free again at once: a new job runs (alone) and completes.
+    assert len(await alone(engine, params(5, steps=2))) == 1
+    health = engine.health()
+    assert (health.completed, health.cancelled, health.running) == (1, 2, 0)
+
+
+async def test_an_incompatible_job_in_the_queue_does_not_block_compatible_ones(engine):
+    wide = params(7, width=2 * SIDE)
+    a, b, c = await run_all(engine, (params(1), None, None), (wide, None, None), (params(3), None, None))
+    assert (started(a).batch_size, started(b).batch_size, started(c).batch_size) == (2, 1, 2)
+    assert started(b).queue_seconds > started(a).queue_seconds  # it ran after the batch of the other two
+    assert_same(pictures(b), await alone(engine, wide))
+
+
+async def test_the_oldest_job_starts_the_next_batch(engine):
+    # a, b (compatible), c (other size), d (compatible with c): batch [a, b] then [c, d].
+    other = {"width": 2 * SIDE}
+    jobs = [params(1), params(2), params(3, **other), params(4, **other)]
+    results = await run_all(engine, *((p, None, None) for p in jobs))
+    assert [started(events).batch_size for events in results] == [2, 2, 2, 2]
+    a, b, c, d = (started(events).queue_seconds for events in results)
+    assert max(a, b) < min(c, d)
+
+
+async def test_jobs_of_other_steps_or_guidance_do_not_share_a_call(engine):
+    jobs = [params(1), params(2, steps=STEPS + 1), params(3, guidance=3.0), params(4, scheduler="euler")]
+    results = await run_all(engine, *((p, None, None) for p in jobs))
+    assert [started(events).batch_size for events in results] == [1, 1, 1, 1]
+
+
+async def test_max_batch_pixels_caps_the_batch(data_dir):
+    engine = await started_engine(data_dir, max_batch_pixels=2 * SIDE * SIDE)
+    try:
+        results = await run_all(engine, *((params(seed), None, None) for seed in range(5)))
+        assert [started(events).batch_size for events in results] == [2, 2, 2, 2, 1]
+        # A job of two images fills the batch; one of three is over the cap and runs alone.
+        results = await run_all(
+            engine, (params(1, n=2), None, None), (params(2), None, None), (params(3, n=3), None, None)
+        )
+        assert [started(events).batch_size for events in results] == [1, 1, 1]
+        assert [len(pictures(events)) for events in results] == [2, 1, 3]
+    finally:
+        await engine.stop()
+
+
+async def test_max_batch_pixels_zero_runs_every_job_alone(data_dir):
+    engine = await started_engine(data_dir, max_batch_pixels=0)
+    try:
+        results = await run_all(engine, *((params(seed), None, None) for seed in range(3)))
+        assert [started(events).batch_size for events in results] == [1, 1, 1]
+    finally:
+        await engine.stop()
+
+
+async def test_a_batch_with_room_waits_the_window_and_a_full_one_starts(data_dir):
+    engine = await started_engine(data_dir, max_batch_pixels=2 * SIDE * SIDE, window_ms=60_000)
+    try:
+        t0 = time.monotonic()
+        first = engine.submit(params(1))
+        while engine.health().queued:  # the engine has taken it and waits for company
+            await asyncio.sleep(0.001)
+        results = await asyncio.gather(events_of(first), events_of(engine.submit(params(2))))
+        assert [started(events).batch_size for events in results] == [2, 2]
+        assert time.monotonic() - t0 < 30  # the second job filled the batch: it did not wait out the window
+    finally:
+        await engine.stop()
+
+
+async def test_without_a_window_a_job_starts_with_what_is_queued(data_dir):
+    engine = await started_engine(data_dir, window_ms=0)
+    try:
+        first = engine.submit(params(1))
+        while engine.health().queued:
+            await asyncio.sleep(0.001)
+        results = await asyncio.gather(events_of(first), events_of(engine.submit(params(2))))
+        assert [started(events).batch_size for events in results] == [1, 1]
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.parametrize(
+    ("task", "extra"),
+    [
+        ("img2img", {"strength": 0.75}),
+        ("inpaint", {"strength": 1.0}),
+        ("outpaint", {"strength": 1.0, "width": 2 * SIDE}),
+    ],
+)
+async def test_edits_batch_with_the_images_they_make_alone(engine, task, extra):
+    mask = hole_mask() if task == "inpaint" else None
+    jobs = [
+        (params(1, task=task, **extra), png((200, 30, 30)), mask),
+        (params(2, task=task, n=2, **extra), png((30, 200, 30)), mask),
+        (params(3, task=task, partial_images=1, **extra), png((30, 30, 200)), mask),
+    ]
+    together = await run_all(engine, *jobs)
+    assert [started(events).batch_size for events in together] == [3, 3, 3]
+    for (p, image, mask_), events in zip(jobs, together, strict=True):
+        assert_same(pictures(events), await alone(engine, p, image, mask_))
+
+
+async def test_a_bad_input_fails_only_its_own_job(engine):
+    good = (params(1, task="img2img", strength=0.75), png((200, 30, 30)), None)
+    bad = (params(2, task="img2img", strength=0.75), b"not an image", None)
+    ok, failed = await run_all(engine, good, bad)
+    assert started(ok).batch_size == started(failed).batch_size == 2
+    assert failed[-1].kind == "invalid_request" and "could not be decoded" in failed[-1].message
+    assert_same(pictures(ok), await alone(engine, *good))
+    health = engine.health()
+    assert (health.completed, health.failed) == (2, 1)
+
+
+def fail_batches(engine: Engine, error: Exception, *, alone_too: str | None = None) -> None:
+    """Make the demo model's pipeline calls of several jobs (prompts) fail with ``error`` after denoising, and those of
+    prompt ``alone_too`` at once."""
+    loaded = engine.models[MODEL]
+    pipeline_for = loaded.pipeline_for
+
+    def failing(task, scheduler):
+        pipe = pipeline_for(task, scheduler)
+
+        def call(**kwargs):
+            if kwargs["prompt"] == [alone_too]:
+                raise error
+            images = pipe(**kwargs).images
+            if len(set(kwargs["prompt"])) > 1:  # at the end, as when decoding a batch runs out of memory
+                raise error
+            return type("Output", (), {"images": images})
+
+        return call
+
+    loaded.pipeline_for = failing  # type: ignore[method-assign]
+
+
+async def test_out_of_memory_in_a_batch_reruns_its_jobs_alone(engine):
+    jobs = [params(1, partial_images=2), params(2, prompt="too big"), params(3, n=2)]
+    unbatched = [await alone(engine, p) for p in (jobs[0], jobs[2])]
+    fail_batches(engine, torch.OutOfMemoryError("fake"), alone_too="too big")
+    a, big, c = await run_all(engine, *((p, None, None) for p in jobs))
+    assert big[-1].kind == "out_of_memory"
+    assert not any(isinstance(e, Image) for e in big)
+    assert_same(pictures(a), unbatched[0])
+    assert_same(pictures(c), unbatched[1])
+    # The batch sent partial images before it failed; the rerun does not send them again, nor Started.
+    assert [started(events).batch_size for events in (a, big, c)] == [3, 3, 3]
+    assert [e.partial_index for e in a if isinstance(e, Partial)] == [0, 1]
+    health = engine.health()
+    assert (health.completed, health.failed) == (4, 1)
+
+
+async def test_other_failures_of_a_batch_fail_each_of_its_jobs(engine):
+    fail_batches(engine, RuntimeError("boom"))
+    results = await run_all(engine, *((params(seed), None, None) for seed in range(3)))
+    assert [events[-1] for events in results] == [Failed("RuntimeError: boom", "internal")] * 3
+    assert [started(events).batch_size for events in results] == [3, 3, 3]
+    assert engine.health().failed == 3
