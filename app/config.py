@@ -455,6 +455,9 @@ def _validate_pool(settings: Settings, models: set[str]) -> None:
         unknown = sorted(set(u.models) - models)
         if unknown:
             raise ConfigError(f"{where}: models {unknown} are not configured models")
+    bad_weights = {name: w for name, w in settings.backend_weights.items() if not w > 0}
+    if bad_weights:
+        raise ConfigError(f"backend_weights must be positive: {bad_weights}")
     if settings.max_attempts < 1:
         raise ConfigError("max_attempts must be >= 1")
     if settings.cooldown_failures < 1 or settings.cooldown_window <= 0 or settings.cooldown_seconds < 0:

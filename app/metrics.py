@@ -63,7 +63,7 @@ BACKEND_QUEUE_DEPTH = Gauge(
 )
 BACKEND_FAILURES = Counter(
     "imagegate_backend_failures_total",
-    "Requests the backend failed for reasons of its own (unreachable, broke off, hung, internal error).",
+    "Requests the backend failed for reasons of its own (unreachable, broke off, hung while running).",
     ["backend"],
 )
 BACKEND_COOLDOWNS = Counter(

@@ -50,7 +50,7 @@ class SystemController(Controller):
                     outstanding=m.outstanding,
                     queued=m.queued,
                     weight=m.weight,
-                    recent_failures=len(m.failures),
+                    recent_failures=pool.recent_failures(m),
                     cooldown_seconds_left=round(max(0.0, m.cooling_until - now), 3),
                     detail=m.detail,
                 )

@@ -43,7 +43,11 @@ class FakeBackend:
         models: models it serves (None: any).
         step_delay: seconds each denoising step takes.
         fail: ``None``, ``"before"`` (Failed before any event), ``"after_partial"`` (breaks off after the first
-            partial image) or ``"invalid"`` (a Failed of kind invalid_request).
+            partial image), ``"invalid"`` (a Failed of kind invalid_request) or ``"hang"`` (sends Started, then
+            nothing, until the job is stopped).
+
+    ``health_status`` is what :meth:`health` answers: a worker status (``"ready"``, ``"loading"``, ``"failed"``) or
+    ``"unreachable"`` (it raises BackendFailed); ``health_checks`` counts the calls.
     """
 
     def __init__(
@@ -58,6 +62,8 @@ class FakeBackend:
         self.completed = 0
         self.last_params: GenerationParams | None = None
         self.last_attachments: list[bytes] = []
+        self.health_status = "ready"
+        self.health_checks = 0
 
     async def generate(
         self, params: GenerationParams, attachments: Sequence[BinaryIO] = ()
@@ -75,6 +81,8 @@ class FakeBackend:
             return
         try:
             yield Started(queue_seconds=0.0, prompt_tokens=len(params.prompt.split()) + 2)
+            if self.fail == "hang":
+                await asyncio.Event().wait()  # until cancelled
             marks = preview_steps(params.steps, params.partial_images)
             counts = [0] * params.n
             for step in range(1, params.steps + 1):
@@ -100,7 +108,10 @@ class FakeBackend:
             raise
 
     async def health(self) -> HealthInfo:
-        return HealthInfo(status="ready", device="fake", models=self.models or [])
+        self.health_checks += 1
+        if self.health_status == "unreachable":
+            raise BackendFailed(f"worker {self.name} health check failed: fake failure")
+        return HealthInfo(status=self.health_status, device="fake", models=self.models or [])  # type: ignore[arg-type]
 
     async def close(self) -> None:
         return None

@@ -194,23 +194,27 @@ class Pool:
 
     def report_health(self, member: Member, state: State, detail: str = "") -> None:
         """Apply a health probe's finding; a cooling-down backend stays out until its cooldown is over."""
-        cooling = member.state is State.COOLING_DOWN
-        if cooling and state is State.READY and self.clock() < member.cooling_until:
-            return
-        if cooling and state is State.READY:
-            log.info("backend %s is back from its cooldown", member.name)
+        if member.state is State.COOLING_DOWN:
+            if self.clock() < member.cooling_until:
+                return
+            if state is State.READY:
+                log.info("backend %s is back from its cooldown", member.name)
         if (state, detail) != (member.state, member.detail):
             self.set_state(member, state, detail)
+
+    def recent_failures(self, member: Member) -> int:
+        """The backend's failures within the breaker's window."""
+        horizon = self.clock() - self.breaker.window
+        while member.failures and member.failures[0] <= horizon:
+            member.failures.popleft()
+        return len(member.failures)
 
     def failed(self, member: Member, reason: str) -> None:
         """Count a failure of the backend's own (passive health); too many in the window start a cooldown."""
         metrics.BACKEND_FAILURES.labels(member.name).inc()
-        now = self.clock()
-        member.failures.append(now)
-        while member.failures and member.failures[0] <= now - self.breaker.window:
-            member.failures.popleft()
-        if member.state is State.READY and len(member.failures) >= self.breaker.failures:
-            member.cooling_until = now + self.breaker.cooldown
+        member.failures.append(self.clock())
+        if member.state is State.READY and self.recent_failures(member) >= self.breaker.failures:
+            member.cooling_until = self.clock() + self.breaker.cooldown
             log.warning(
                 "backend %s failed %d times in %.0fs (last: %s); cooling down for %.0fs",
                 member.name,
@@ -250,7 +254,10 @@ class Pool:
     async def probe_back_forever(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            await self.probe_back()
+            try:
+                await self.probe_back()
+            except Exception:
+                log.exception("probing cooled-down backends failed")
 
     # -- admission ----------------------------------------------------------------------------------------------
 
@@ -330,6 +337,8 @@ class Pool:
     async def drain(self, timeout: float) -> bool:
         """Refuse new requests from now on and wait up to ``timeout`` seconds for those in flight; True if none is."""
         self.draining = True
+        if self._idle.is_set():
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:

@@ -20,17 +20,15 @@ from app.auth.principals import ANONYMOUS, Principal
 from app.config import ModelConfig, Settings
 from app.errors import (
     ApiError,
-    BackendFailed,
     Cancelled,
-    DeadlineExceeded,
     InvalidRequest,
     NotFound,
     Overloaded,
     PermissionDenied,
     Unavailable,
-    from_worker,
 )
-from app.pool import Lease, Member, Pool
+from app.pool import Pool
+from app.pool.failover import Dispatch
 from app.protocol.images import (
     Fallback,
     ImageData,
@@ -47,12 +45,9 @@ from app.protocol.images import (
 from app.services.inputs import InputImage
 from app.store.files import ImageFiles
 from app.worker.protocol import (
-    Done,
-    Failed,
     GenerationParams,
     Image,
     Partial,
-    Progress,
     Started,
     WorkerEvent,
     canonical_scheduler,
@@ -440,20 +435,19 @@ class ImageService:
             code="model_not_found",
         )
 
-    def retarget(self, job: Job, name: str) -> Job:
-        """``job`` for the fallback model ``name``.
+    def retarget(self, p: GenerationParams, name: str) -> GenerationParams:
+        """``p`` for the fallback model ``name``.
 
         Raises:
             InvalidRequest: that model cannot take the job (its size, steps, images or guidance).
         """
         model = self._models[name]
-        p = job.params
         self._size(model, f"{p.width}x{p.height}")
         if p.n > model.max_n or p.steps > model.max_steps:
             raise InvalidRequest(f"'{name}' takes at most {model.max_n} images and {model.max_steps} steps.")
         self._guidance(model, p.guidance)
         scheduler = p.scheduler if p.scheduler in model.schedulers else (model.default_scheduler or None)
-        return replace(job, params=msgspec.structs.replace(p, model=name, scheduler=scheduler))
+        return msgspec.structs.replace(p, model=name, scheduler=scheduler)
 
     async def generate(
         self, req: ImageGenerateRequest, base_url: str, principal: Principal = ANONYMOUS
@@ -485,21 +479,57 @@ class ImageService:
     ) -> ImagesResponse:
         return await self.respond(self.prepare_variation(req, images), base_url, principal, req.fallbacks)
 
-    async def _admit(self, job: Job, principal: Principal, fallbacks: list[str | Fallback] | None) -> Run:
+    async def _admit(
+        self, job: Job, principal: Principal, fallbacks: list[str | Fallback] | None
+    ) -> tuple[Job, Dispatch]:
         """The principal's limits first, then a place on a backend; on refusal everything is given back."""
         ticket = None
         try:
             models = self._fallbacks(job, fallbacks, principal)
             if self.guard is not None:
                 ticket = await self.guard.admit(principal, job.params.model, job.params.n)
-            run = Run(self, replace(job, ticket=ticket), models)
-            run.admit()
+            dispatch = Dispatch(
+                self.pool,
+                job.params,
+                [i.file for i in job.inputs],
+                fallbacks=models,
+                retarget=self.retarget,
+                max_attempts=self.settings.max_attempts,
+                timeout=self.settings.request_timeout,
+            )
+            try:
+                dispatch.admit()
+            except (Overloaded, Unavailable):
+                metrics.IMAGES.labels(job.params.model, "rejected").inc(job.params.n)
+                raise
         except BaseException:
             if ticket is not None:
                 ticket.finish()
             job.close()
             raise
-        return run
+        return replace(job, ticket=ticket), dispatch
+
+    async def _events(self, job: Job, dispatch: Dispatch, *, streamed: bool) -> AsyncIterator[WorkerEvent]:
+        """The job's events, its outcome counted and its usage charged when it ends.
+
+        Usage charges the images delivered: all of them on success; on a failure, those a stream already sent.
+        """
+        outcome, delivered = "error", 0
+        try:
+            async with contextlib.aclosing(dispatch.events(streamed=streamed)) as events:
+                async for event in events:
+                    delivered += isinstance(event, Image)
+                    yield event
+            outcome = "success"
+        except (asyncio.CancelledError, GeneratorExit, Cancelled):
+            outcome = "cancelled"
+            raise
+        except ApiError as e:
+            log.warning("request %s failed: %s", job.params.request_id, e.message)
+            raise
+        finally:
+            job.finish(job.params.n if outcome == "success" else delivered if streamed else 0)
+            metrics.IMAGES.labels(dispatch.params.model, outcome).inc(job.params.n)
 
     async def respond(
         self,
@@ -509,15 +539,14 @@ class ImageService:
         fallbacks: list[str | Fallback] | None = None,
     ) -> ImagesResponse:
         """Run ``job`` to the end and return every image at once."""
-        run = await self._admit(job, principal, fallbacks)
+        job, dispatch = await self._admit(job, principal, fallbacks)
         images: dict[int, bytes] = {}
         prompt_tokens = 0
-        async for event in run.events(streamed=False):
+        async for event in self._events(job, dispatch, streamed=False):
             if isinstance(event, Started):
                 prompt_tokens = event.prompt_tokens
             elif isinstance(event, Image):
                 images[event.index] = event.data
-        job = run.job
         p = job.params
         if job.response_format == "url":
             base = self.settings.public_url or base_url
@@ -540,11 +569,10 @@ class ImageService:
     async def open_stream(
         self, job: Job, principal: Principal = ANONYMOUS, fallbacks: list[str | Fallback] | None = None
     ) -> EventStream:
-        run = await self._admit(job, principal, fallbacks)
-        return EventStream(self._stream(run), run)
+        job, dispatch = await self._admit(job, principal, fallbacks)
+        return EventStream(self._stream(job, dispatch), job, dispatch)
 
-    async def _stream(self, run: Run) -> AsyncIterator[StreamEvent]:
-        job = run.job
+    async def _stream(self, job: Job, dispatch: Dispatch) -> AsyncIterator[StreamEvent]:
         p = job.params
         prompt_tokens = 0
         common = {
@@ -554,7 +582,7 @@ class ImageService:
             "output_format": p.output_format,
         }
         # aclosing: when the client goes away, the job's stop must reach the backend now, not at garbage collection.
-        async with contextlib.aclosing(run.events(streamed=True)) as events:
+        async with contextlib.aclosing(self._events(job, dispatch, streamed=True)) as events:
             async for event in events:
                 if isinstance(event, Started):
                     prompt_tokens = event.prompt_tokens
@@ -578,176 +606,6 @@ class ImageService:
                     )
 
 
-class _BackendLost(Exception):
-    """A backend failed a job for reasons of its own (unreachable, broke off): another backend may run it."""
-
-    def __init__(self, error: ApiError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-class Run:
-    """One admitted request on its way through the pool.
-
-    It starts on the backend it was admitted to. While nothing has reached the client (a streamed request's first
-    partial or completed image; a non-streamed request's answer), a backend that fails the job for reasons of its
-    own is counted against that backend (see the pool's circuit breaker) and the job moves on: to another ready
-    backend of the same model, never one already tried, up to ``max_attempts`` backends; then to the fallback
-    models in order. A failure of the request itself (bad input, out of memory, an error inside the pipeline, a
-    cancellation) is never retried. The request's deadline covers every attempt.
-    """
-
-    def __init__(self, service: ImageService, job: Job, fallbacks: list[str]) -> None:
-        self.service = service
-        self.pool = service.pool
-        self.job = job
-        self.fallbacks = fallbacks
-        self.lease: Lease | None = None
-        self.tried: list[Member] = []
-        self.deadline = time.monotonic() + service.settings.request_timeout
-
-    def _acquire(self, *, retry: bool = False) -> Lease:
-        p = self.job.params
-        return self.pool.acquire(p.model, p.work, p.task, exclude=self.tried, queue_bound=not retry)
-
-    def admit(self) -> None:
-        """Take a place on a backend of the job's model, else on one of its fallback models.
-
-        Raises:
-            Unavailable, Overloaded: the error of the job's own model, when no model could take the job.
-        """
-        try:
-            self.lease = self._acquire()
-        except (Overloaded, Unavailable) as e:
-            metrics.IMAGES.labels(self.job.params.model, "rejected").inc(self.job.params.n)
-            if not self._fall_back(e):
-                raise
-
-    def _fall_back(self, error: ApiError) -> bool:
-        """Move the job to the next fallback model that can take it; False when none is left."""
-        while self.fallbacks:
-            name = self.fallbacks.pop(0)
-            try:
-                job = self.service.retarget(self.job, name)
-                lease = self.pool.acquire(job.params.model, job.params.work, job.params.task)
-            except (InvalidRequest, Overloaded, Unavailable) as e:
-                log.info("fallback %s cannot take %s: %s", name, self.job.params.request_id, e.message)
-                continue
-            log.warning(
-                "request %s falls back from %s to %s: %s",
-                job.params.request_id,
-                self.job.params.model,
-                name,
-                error.message,
-            )
-            metrics.FALLBACKS.labels(self.job.params.model, name).inc()
-            self.job, self.lease, self.tried = job, lease, []
-            return True
-        return False
-
-    def _move_on(self, error: ApiError) -> bool:
-        """After a backend lost the job: another backend of the model, else a fallback model; False if none."""
-        assert self.lease is not None
-        self.tried.append(self.lease.member)
-        if len(self.tried) < self.service.settings.max_attempts:
-            try:
-                self.lease = self._acquire(retry=True)
-            except (Overloaded, Unavailable):
-                pass
-            else:
-                log.warning(
-                    "request %s moves to %s: %s", self.job.params.request_id, self.lease.member.name, error.message
-                )
-                metrics.RETRIES.labels(self.job.params.model).inc()
-                return True
-        return self._fall_back(error)
-
-    async def events(self, *, streamed: bool) -> AsyncIterator[WorkerEvent]:
-        """The job's events from whichever backend runs it to the end; failures as :class:`ApiError`.
-
-        Usage charges the images delivered: all of them on success; on a failure, those a stream already sent.
-        """
-        outcome, delivered, visible = "error", 0, False
-        try:
-            while True:
-                try:
-                    async with contextlib.aclosing(self._attempt()) as attempt:
-                        async for event in attempt:
-                            if isinstance(event, Image):
-                                delivered += 1
-                            visible = visible or (streamed and isinstance(event, Partial | Image))
-                            yield event
-                    outcome = "success"
-                    return
-                except _BackendLost as lost:
-                    if visible or not self._move_on(lost.error):
-                        raise lost.error from None
-                    delivered = 0  # the next backend delivers every image again
-        except (asyncio.CancelledError, GeneratorExit, Cancelled):
-            outcome = "cancelled"
-            raise
-        except ApiError as e:
-            log.warning("request %s failed: %s", self.job.params.request_id, e.message)
-            raise
-        finally:
-            self.job.finish(delivered if outcome == "success" or streamed else 0)
-            if self.lease is not None:
-                self.lease.release(succeeded=False)
-            metrics.IMAGES.labels(self.job.params.model, outcome).inc(self.job.params.n)
-
-    async def _attempt(self) -> AsyncIterator[WorkerEvent]:
-        """One backend's events for the job, with its metrics; raises :class:`_BackendLost` if the backend failed."""
-        lease = self.lease
-        assert lease is not None
-        job, member, model = self.job, lease.member, self.job.params.model
-        events = member.backend.generate(job.params, [i.file for i in job.inputs])
-        timing = metrics.request_timing()
-        first_partial, last_step, succeeded = True, 0.0, False
-        try:
-            while True:
-                waited = time.perf_counter()
-                try:
-                    event = await asyncio.wait_for(anext(events), timeout=max(self.deadline - time.monotonic(), 0.001))
-                except StopAsyncIteration:
-                    raise self._lost(member, BackendFailed("the backend ended the stream without a result")) from None
-                except BackendFailed as e:
-                    raise self._lost(member, e) from None
-                except TimeoutError:
-                    self.pool.failed(member, "did not answer before the request's deadline")
-                    raise DeadlineExceeded(
-                        f"The request did not finish within {self.service.settings.request_timeout:g} seconds."
-                    ) from None
-                finally:
-                    if timing is not None:
-                        timing.backend += time.perf_counter() - waited
-                now = time.monotonic()
-                if isinstance(event, Started):
-                    metrics.QUEUE_WAIT_SECONDS.labels(model).observe(lease.started())
-                    metrics.BATCH_SIZE.labels(model).observe(event.batch_size)
-                elif isinstance(event, Progress):
-                    if last_step:
-                        metrics.STEP_SECONDS.labels(model).observe(now - last_step)
-                    last_step = now
-                elif isinstance(event, Partial) and first_partial:
-                    first_partial = False
-                    metrics.FIRST_PARTIAL_SECONDS.labels(model).observe(now - lease.admitted_at)
-                elif isinstance(event, Failed):
-                    raise from_worker(event)
-                yield event
-                if isinstance(event, Done):
-                    succeeded = True
-                    if lease.started_at is not None:
-                        metrics.GENERATION_SECONDS.labels(model).observe(now - lease.started_at)
-                    return
-        finally:
-            await events.aclose()
-            lease.release(succeeded=succeeded)
-
-    def _lost(self, member: Member, error: BackendFailed) -> _BackendLost:
-        self.pool.failed(member, error.message)
-        return _BackendLost(error)
-
-
 class EventStream:
     """The events of one admitted, streamed request.
 
@@ -755,17 +613,16 @@ class EventStream:
     when the client went away before the first event was asked for.
     """
 
-    def __init__(self, events: AsyncIterator[StreamEvent], run: Run) -> None:
+    def __init__(self, events: AsyncIterator[StreamEvent], job: Job, dispatch: Dispatch) -> None:
         self._events = events
-        self._run = run
+        self._job = job
+        self._dispatch = dispatch
 
     def __aiter__(self) -> AsyncIterator[StreamEvent]:
         return self._events
 
     async def aclose(self) -> None:
         await self._events.aclose()  # type: ignore[attr-defined]
-        run = self._run
-        run.job.finish()  # a no-op for the ticket if the stream ran: its end already finished it
-        if run.lease is not None and not run.lease.released:
-            run.lease.release(succeeded=False)
-            metrics.IMAGES.labels(run.job.params.model, "cancelled").inc(run.job.params.n)
+        self._job.finish()  # a no-op for the ticket if the stream ran: its end already finished it
+        if self._dispatch.release():
+            metrics.IMAGES.labels(self._dispatch.params.model, "cancelled").inc(self._job.params.n)
