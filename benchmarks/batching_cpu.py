@@ -13,7 +13,6 @@ writes ``benchmarks/results/batching_cpu.json`` and ``batching_cpu.png``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -23,12 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import msgspec
-from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, start_server, stop
+from common import RESULTS, concurrent_block, histogram_delta, scrape, start_server, stop
 from plot import bar_chart
 
 from app.config import DEMO_MODEL, demo_model
@@ -37,31 +34,13 @@ SIZE, STEPS = 256, 20
 MODES = ("batching", "no_batching")
 
 
-async def round_trip(url: str, concurrency: int, per_client: int, seed: int) -> float:
+BODY = {"model": DEMO_MODEL, "prompt": "a red fox", "size": f"{SIZE}x{SIZE}", "num_inference_steps": STEPS}
+
+
+def round_trip(url: str, concurrency: int, per_client: int, seed: int) -> float:
     """Images per second of ``concurrency`` clients each sending ``per_client`` requests back to back."""
-    body = {"model": DEMO_MODEL, "prompt": "a red fox", "size": f"{SIZE}x{SIZE}", "num_inference_steps": STEPS}
-
-    async def client(http: httpx.AsyncClient, c: int) -> None:
-        for i in range(per_client):
-            r = await http.post("/v1/images/generations", json={**body, "seed": seed + c * per_client + i})
-            r.raise_for_status()
-
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        t = time.perf_counter()
-        await asyncio.gather(*(client(http, c) for c in range(concurrency)))
-        return concurrency * per_client / (time.perf_counter() - t)
-
-
-def batch_sizes(url: str) -> tuple[float, float]:
-    """Count and sum of the demo model's ``imagegate_batch_size`` observations."""
-    values = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        if family.name == "imagegate_batch_size":
-            for s in family.samples:
-                if s.labels.get("model") == DEMO_MODEL and s.name.endswith(("_count", "_sum")):
-                    values[s.name.rsplit("_", 1)[1]] = s.value
-    return values.get("count", 0.0), values.get("sum", 0.0)
+    block = concurrent_block(url, BODY, concurrency, per_client, seed)
+    return block["images"] / block["seconds"]
 
 
 def main() -> None:
@@ -83,23 +62,22 @@ def main() -> None:
         servers["no_batching"] = start_server(dirs["no_batching"], "--config", str(config), env=env)
         urls = {mode: server[1] for mode, server in servers.items()}
         for url in urls.values():  # warm-up
-            asyncio.run(round_trip(url, args.concurrency, 1, 0))
-        before = {mode: batch_sizes(url) for mode, url in urls.items()}
+            round_trip(url, args.concurrency, 1, 0)
+        before = {mode: scrape(url) for mode, url in urls.items()}
         for r in range(args.rounds):
             for mode in MODES if r % 2 == 0 else reversed(MODES):
                 time.sleep(0.5)  # let the other process's OpenMP threads stop spinning
-                rates[mode].append(asyncio.run(round_trip(urls[mode], args.concurrency, args.per_client, 1000 * r)))
+                rates[mode].append(round_trip(urls[mode], args.concurrency, args.per_client, 1000 * r))
                 print(f"round {r + 1} {mode}: {rates[mode][-1]:.3f} images/s", flush=True)
-        after = {mode: batch_sizes(url) for mode, url in urls.items()}
+        after = {mode: scrape(url) for mode, url in urls.items()}
     finally:
         for proc, _, _ in servers.values():
             stop(proc)
         for path in dirs.values():
             shutil.rmtree(path, ignore_errors=True)
     median = {mode: statistics.median(v) for mode, v in rates.items()}
-    mean_batch = {
-        mode: (after[mode][1] - before[mode][1]) / max(1.0, after[mode][0] - before[mode][0]) for mode in MODES
-    }
+    seen = {mode: histogram_delta(before[mode], after[mode], "imagegate_batch_size", DEMO_MODEL) for mode in MODES}
+    mean_batch = {mode: (seen[mode] or {}).get("mean") or 0.0 for mode in MODES}
     out = {
         "size": f"{SIZE}x{SIZE}",
         "steps": STEPS,

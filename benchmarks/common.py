@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -76,3 +79,63 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def concurrent_block(url: str, body: dict, clients: int, per_client: int, seed: int) -> dict:
+    """``clients`` threads, each sending ``per_client`` requests back to back; images/s over the whole burst."""
+    start = threading.Barrier(clients + 1)
+    limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients * 2)
+    with httpx.Client(base_url=url, timeout=3600, limits=limits) as client:
+
+        def one_client(k: int) -> list[float]:
+            start.wait()
+            latencies = []
+            for j in range(per_client):
+                t = time.perf_counter()
+                r = client.post("/v1/images/generations", json={**body, "seed": seed + k * per_client + j})
+                r.raise_for_status()
+                latencies.append(time.perf_counter() - t)
+            return latencies
+
+        with ThreadPoolExecutor(clients) as pool:
+            futures = [pool.submit(one_client, k) for k in range(clients)]
+            start.wait()
+            t = time.perf_counter()
+            latencies = [x for f in futures for x in f.result()]
+            wall = time.perf_counter() - t
+    return {"images": clients * per_client, "seconds": wall, "latency_median_s": statistics.median(latencies)}
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The gateway's /metrics as sample name{labels} -> value (only the imagegate_* families)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for s in family.samples:
+            if s.name.startswith("imagegate_"):
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def histogram_delta(before: dict, after: dict, metric: str, model: str) -> dict | None:
+    """Counts per bucket (not cumulative), mean and count of ``metric`` for ``model`` between two scrapes."""
+    count_key = f"{metric}_count{{model={model}}}"
+    if count_key not in after:
+        return None
+    count = after[count_key] - before.get(count_key, 0.0)
+    total = after[f"{metric}_sum{{model={model}}}"] - before.get(f"{metric}_sum{{model={model}}}", 0.0)
+    buckets = []
+    prefix = f"{metric}_bucket{{le="
+    for key, value in after.items():
+        if key.startswith(prefix) and key.endswith(f",model={model}}}"):
+            le = key[len(prefix) : -len(f",model={model}}}")]
+            buckets.append((float(le), value - before.get(key, 0.0)))
+    buckets.sort()
+    per_bucket, previous = {}, 0.0
+    for le, cumulative in buckets:
+        if cumulative - previous:
+            per_bucket["+Inf" if le == float("inf") else f"<={le:g}"] = int(cumulative - previous)
+        previous = cumulative
+    return {"count": int(count), "mean": round(total / count, 4) if count else None, "buckets": per_bucket}

@@ -4,7 +4,8 @@ One server, interleaved repetitions of: a generation; an image-to-image edit at 
 the generation); an inpainting edit with a mask (all 20 steps); and an image-to-image edit at the default strength
 0.75 (15 of the 20 steps). The edits carry a 256x256 PNG upload each way through the multipart path.
 
-Usage: ``python benchmarks/edits_cpu.py [--reps 9]``; writes ``benchmarks/results/edits_cpu.json``.
+Usage: ``python benchmarks/edits_cpu.py [--reps 9]``; writes ``benchmarks/results/edits_cpu.json`` and
+``edits_cpu.png`` (each variant's median latency over the generation's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, start_server, stop
+from plot import bar_chart
 
 SIZE, STEPS = 256, 20
 
@@ -96,6 +98,12 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "edits_cpu.json").write_text(json.dumps(out, indent=2) + "\n")
+    bars = {name.replace("_", " ").replace("edit ", "edit\n"): v for name, v in out["over_generation_median"].items()}
+    title = (
+        f"Edit latency / generation latency (median of {args.reps})\n"
+        f"demo model on CPU, {SIZE}x{SIZE}, {STEPS} steps, all through imagegate"
+    )
+    bar_chart(RESULTS / "edits_cpu.png", title, bars, "ratio (generation = 1)")
     print(json.dumps(out, indent=2))
 
 

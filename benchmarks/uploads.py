@@ -18,7 +18,10 @@ Measures, in one run, on the demo model (CPU):
   before answering, since a server that keeps the connection may go on reading once its answer is out), and what
   happens if the client keeps sending after the 413 (the gateway closes, or reads and discards the rest).
 
-Usage: ``python benchmarks/uploads.py [--reps 2] [--sizes-mb 10,100]``; writes ``benchmarks/results/uploads.json``.
+Target: the gateway's RSS grows by less than 64 MiB while it receives a 100 MB upload.
+
+Usage: ``python benchmarks/uploads.py [--reps 2] [--sizes-mb 10,100]``; writes ``benchmarks/results/uploads.json``
+and ``uploads.png`` (the gateway's idle and peak RSS per upload; the 413 times in the title).
 Sizes are in MB (10^6 bytes), memory in MiB as /proc reports it (kB / 1024), times in seconds.
 """
 
@@ -44,6 +47,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, proc_status_mb, reset_hwm, start_server, stop
+from plot import bar_chart
 
 MB = 1_000_000
 FIELDS = {"model": "imagegate-demo", "prompt": "x", "size": "64x64", "num_inference_steps": "1"}
@@ -249,6 +253,22 @@ def reject(port: int, path: Path, chunked: bool, after_s: float = 5.0) -> dict:
         sock.close()
 
 
+def chart(out: dict) -> Path:
+    bars = {"idle": out["gateway_idle_rss_mb"]}
+    for name, growth in out["growth_mb"].items():
+        label = f"{name.removeprefix('noise_').removesuffix('mb')} MB upload" if name.startswith("noise_") else name
+        if name == "flat_same_pixels":
+            label = f"flat PNG, {out['cases'][name]['file_mb']:.1f} MB\nas many pixels as 100 MB"
+        bars[f"{label}\npeak"] = round(out["gateway_idle_rss_mb"] + growth["peak_rss_minus_idle"], 1)
+    rej = out["reject"]
+    title = (
+        f"Gateway RSS receiving multipart edits (MiB)\n413 for a 100 MB body over a 10 MB limit after "
+        f"{rej['content_length']['seconds_to_response'] * 1000:.1f} ms\n(Content-Length), "
+        f"{rej['chunked']['seconds_to_response'] * 1000:.1f} ms (chunked)"
+    )
+    return bar_chart(RESULTS / "uploads.png", title, bars, "RSS (MiB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=2, help="uploads of each kind")
@@ -330,8 +350,11 @@ def main() -> None:
         for p in procs:
             stop(p)
         shutil.rmtree(work, ignore_errors=True)
+    if "noise_100mb" in out["growth_mb"]:
+        out["target_growth_under_64mb_for_100mb"] = out["growth_mb"]["noise_100mb"]["peak_rss_minus_idle"] < 64
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "uploads.json").write_text(json.dumps(out, indent=2) + "\n")
+    chart(out)
     summary = {k: v for k, v in out.items() if k != "uploads"}
     summary["uploads"] = {
         name: [{k: v for k, v in r.items() if k != "rss_trace_mb"} for r in rs] for name, rs in out["uploads"].items()

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import diffusers
 import torch
@@ -18,6 +18,9 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, Dif
 from app.config import ModelConfig
 from app.worker.previews import Previewer
 from app.worker.protocol import SCHEDULERS
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 log = logging.getLogger("imagegate.worker")
 
@@ -79,14 +82,9 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def build_demo_pipeline(seed: int = 0) -> DiffusionPipeline:
-    """A tiny Stable-Diffusion-architecture pipeline with random weights (about 9 MB).
-
-    Same components as SD 1.x (CLIP text encoder, conditional UNet, 4-block VAE with 8x downsampling, DDIM), only
-    narrow, so a 256x256 step takes well under 0.1 s on a CPU. It draws noise-like pictures, not foxes.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer built in memory from a byte-level vocabulary: tokenizes like CLIP's, with no download."""
+    from transformers import CLIPTokenizer
 
     chars = _bytes_to_unicode()
     vocab: dict[str, int] = {}
@@ -99,7 +97,19 @@ def build_demo_pipeline(seed: int = 0) -> DiffusionPipeline:
         vocab.setdefault(a + b, len(vocab))
     for s in ("<|startoftext|>", "<|endoftext|>"):
         vocab[s] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_demo_pipeline(seed: int = 0) -> DiffusionPipeline:
+    """A tiny Stable-Diffusion-architecture pipeline with random weights (about 9 MB).
+
+    Same components as SD 1.x (CLIP text encoder, conditional UNet, 4-block VAE with 8x downsampling, DDIM), only
+    narrow, so a 256x256 step takes well under 0.1 s on a CPU. It draws noise-like pictures, not foxes.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -133,7 +143,7 @@ def build_demo_pipeline(seed: int = 0) -> DiffusionPipeline:
             layer_norm_eps=1e-5,
             num_attention_heads=4,
             num_hidden_layers=5,
-            vocab_size=len(vocab),
+            vocab_size=len(tokenizer),
             max_position_embeddings=77,
             projection_dim=32,
         )
