@@ -78,7 +78,9 @@ class Guard:
     _in_flight: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     _held: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     """Images reserved by requests in flight, plus delivered images whose usage row is still being written."""
-    _writes: set[asyncio.Task[None]] = field(default_factory=set)
+    _pending: dict[tuple[str, float], list[int]] = field(default_factory=dict)
+    """(principal, start of the hour) -> [requests, images, pixel_steps] ended and not yet written."""
+    _flusher: asyncio.Task[None] | None = None
     _aliases: set[str] = field(default_factory=set)
 
     async def admit(self, principal: Principal, model: str, n: int) -> Ticket:
@@ -126,21 +128,30 @@ class Guard:
             if p.alias not in self._aliases and len(self._aliases) < MAX_ALIAS_LABELS:
                 self._aliases.add(p.alias)
             metrics.KEY_IMAGES.labels(p.alias if p.alias in self._aliases else "other").inc(images)
-        task = asyncio.get_running_loop().create_task(self._write(p.id, self.clock(), images, pixel_steps))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        row = self._pending.setdefault((p.id, self.clock() // 3600 * 3600), [0, 0, 0])
+        row[0] += 1
+        row[1] += images
+        row[2] += pixel_steps
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    async def _write(self, pid: str, at: float, images: int, pixel_steps: int) -> None:
-        try:
-            await self.store.record_usage(pid, at, 1, images, pixel_steps)
-        except Exception:
-            log.exception("recording usage of %s failed", pid)
-        finally:
-            self._held[pid] -= images
+    async def _flush(self) -> None:
+        """Write the pending usage in one transaction, again until none is left.
+
+        Under load one write covers every request that ended while the previous write ran.
+        """
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            try:
+                await self.store.record_usage([(pid, hour, *counts) for (pid, hour), counts in batch.items()])
+            except Exception:
+                log.exception("recording usage of %s failed", ", ".join(sorted({pid for pid, _ in batch})))
+            finally:
+                for (pid, _), counts in batch.items():
+                    self._held[pid] -= counts[1]
 
     async def drain(self) -> None:
-        """Wait for usage rows still being written (at shutdown)."""
-        loop = asyncio.get_running_loop()
-        pending = {t for t in self._writes if t.get_loop() is loop}
-        if pending:
-            await asyncio.wait(pending, timeout=10)
+        """Wait for usage still being written (at shutdown)."""
+        flusher = self._flusher
+        if flusher is not None and not flusher.done() and flusher.get_loop() is asyncio.get_running_loop():
+            await asyncio.wait({flusher}, timeout=10)

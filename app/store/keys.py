@@ -11,7 +11,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -68,6 +68,10 @@ class KeyRecord(msgspec.Struct, kw_only=True):
     revoked_at: float | None = None
 
 
+UsageRow = tuple[str, float, int, int, int]
+"""(principal, time, requests, images, pixel_steps): usage to add to the hour of that time."""
+
+
 class Usage(msgspec.Struct):
     requests: int = 0
     images: int = 0
@@ -83,7 +87,7 @@ class KeyStore(Protocol):
     async def update_key(self, key_id: str, changes: dict[str, Any]) -> KeyRecord | None: ...
     async def delete_key(self, key_id: str) -> bool: ...
     async def has_keys(self) -> bool: ...
-    async def record_usage(self, principal: str, at: float, requests: int, images: int, pixel_steps: int) -> None: ...
+    async def record_usage(self, rows: Sequence[UsageRow]) -> None: ...
     async def usage(self, principal: str, since: float = 0.0) -> Usage: ...
     def close(self) -> None: ...
 
@@ -242,14 +246,17 @@ class SqliteStore:
     async def has_keys(self) -> bool:
         return self._reader.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None
 
-    async def record_usage(self, principal: str, at: float, requests: int, images: int, pixel_steps: int) -> None:
-        await self._run(
-            lambda: self._db.execute(
+    async def record_usage(self, rows: Sequence[UsageRow]) -> None:
+        """Add each (principal, time, requests, images, pixel_steps) to its hour's row, in one transaction."""
+        values = [(principal, int(at // 3600), *counts) for principal, at, *counts in rows]
+        await asyncio.to_thread(
+            self._transaction,
+            lambda: self._db.executemany(
                 "INSERT INTO usage (principal, hour, requests, images, pixel_steps) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (principal, hour) DO UPDATE SET requests = requests + excluded.requests, "
                 "images = images + excluded.images, pixel_steps = pixel_steps + excluded.pixel_steps",
-                (principal, int(at // 3600), requests, images, pixel_steps),
-            )
+                values,
+            ),
         )
 
     async def usage(self, principal: str, since: float = 0.0) -> Usage:

@@ -107,7 +107,7 @@ async def test_a_failed_write_leaves_the_store_usable(path):
             await store.add_key(record("key_2", digest="digest-of-key_1"))
         assert not store._db.in_transaction
         await store.add_key(record("key_3"))
-        await store.record_usage("key_3", HOUR, 1, 1, 1)
+        await store.record_usage([("key_3", HOUR, 1, 1, 1)])
         assert await other.usage("key_3") == Usage(requests=1, images=1, pixel_steps=1)
     finally:
         store.close()
@@ -138,10 +138,10 @@ async def test_records_round_trip(store):
 
 
 async def test_usage_is_summed_per_hour_bucket(store):
-    await store.record_usage("p", HOUR + 10, 1, 2, 100)
-    await store.record_usage("p", HOUR + 3599, 1, 1, 50)  # the same hour: the same row
-    await store.record_usage("p", HOUR + 3600, 1, 4, 200)  # the next hour
-    await store.record_usage("q", HOUR + 10, 1, 8, 999)  # another principal
+    await store.record_usage([("p", HOUR + 10, 1, 2, 100)])
+    await store.record_usage([("p", HOUR + 3599, 1, 1, 50)])  # the same hour: the same row
+    await store.record_usage([("p", HOUR + 3600, 1, 4, 200)])  # the next hour
+    await store.record_usage([("q", HOUR + 10, 1, 8, 999)])  # another principal
     rows = store._db.execute("SELECT hour, requests, images, pixel_steps FROM usage WHERE principal = 'p'").fetchall()
     assert sorted(tuple(r) for r in rows) == [(int(HOUR // 3600), 2, 3, 150), (int(HOUR // 3600) + 1, 1, 4, 200)]
     assert await store.usage("p") == Usage(requests=3, images=7, pixel_steps=350)
@@ -156,7 +156,7 @@ async def test_usage_is_summed_per_hour_bucket(store):
 async def test_data_persists_across_instances(path):
     first = SqliteStore(path)
     await first.add_key(record("key_1", models=["a"]))
-    await first.record_usage("key_1", HOUR, 1, 3, 30)
+    await first.record_usage([("key_1", HOUR, 1, 3, 30)])
     first.close()
     second = SqliteStore(path)
     try:
@@ -177,7 +177,7 @@ async def test_two_instances_see_each_others_writes(path):
         await cli.update_key("key_1", {"active": False})
         assert await gateway.version() == seen + 2
         assert (await gateway.key("key_1")).active is False  # type: ignore[union-attr]
-        await gateway.record_usage("key_1", HOUR, 1, 1, 1)
+        await gateway.record_usage([("key_1", HOUR, 1, 1, 1)])
         assert await cli.usage("key_1") == Usage(requests=1, images=1, pixel_steps=1)
         await cli.delete_key("key_1")
         assert await gateway.version() == seen + 3 and not await gateway.has_keys()
