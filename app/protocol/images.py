@@ -113,7 +113,8 @@ class ImagesUsage(msgspec.Struct):
 
 
 class ImageData(msgspec.Struct, omit_defaults=True):
-    b64_json: str | UnsetType = UNSET
+    b64_json: bytes | UnsetType = UNSET
+    """The image; JSON carries it base64-encoded (msgspec encodes ``bytes`` so, in one pass)."""
     url: str | UnsetType = UNSET
     revised_prompt: str | UnsetType = UNSET
 
@@ -132,7 +133,7 @@ class ImageGenPartialImageEvent(msgspec.Struct, kw_only=True):
     """``image_generation.partial_image`` (and ``image_edit.partial_image``, by ``type``)."""
 
     type: str
-    b64_json: str
+    b64_json: bytes
     created_at: int
     size: str
     quality: str
@@ -147,7 +148,7 @@ class ImageGenCompletedEvent(msgspec.Struct, kw_only=True):
     """``image_generation.completed``: one per image, with usage."""
 
     type: str
-    b64_json: str
+    b64_json: bytes
     created_at: int
     size: str
     quality: str

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import math
@@ -57,10 +56,6 @@ from app.worker.protocol import (
 log = logging.getLogger("imagegate.images")
 
 SEED_RANGE = 2**32
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def image_tokens(width: int, height: int) -> int:
@@ -555,7 +550,7 @@ class ImageService:
             )
             data = [ImageData(url=self.files.url(base, name)) for name in names]
         else:
-            data = [ImageData(b64_json=_b64(images[i])) for i in sorted(images)]
+            data = [ImageData(b64_json=images[i]) for i in sorted(images)]
         return ImagesResponse(
             created=int(self.clock()),
             data=data,
@@ -589,7 +584,7 @@ class ImageService:
                 elif isinstance(event, Partial):
                     yield ImageGenPartialImageEvent(
                         type=f"{job.event_prefix}.partial_image",
-                        b64_json=_b64(event.data),
+                        b64_json=event.data,
                         created_at=int(self.clock()),
                         partial_image_index=event.partial_index,
                         image_index=event.image_index,
@@ -598,7 +593,7 @@ class ImageService:
                 elif isinstance(event, Image):
                     yield ImageGenCompletedEvent(
                         type=f"{job.event_prefix}.completed",
-                        b64_json=_b64(event.data),
+                        b64_json=event.data,
                         created_at=int(self.clock()),
                         usage=job.usage(prompt_tokens, 1),
                         image_index=event.index,

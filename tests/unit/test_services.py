@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import math
 from dataclasses import dataclass
@@ -65,8 +64,9 @@ def _req(**fields) -> ImageGenerateRequest:
     return ImageGenerateRequest(**{"prompt": "a red fox", **fields})
 
 
-def _png(b64: str) -> PILImage.Image:
-    image = PILImage.open(io.BytesIO(base64.b64decode(b64)))
+def _png(data: bytes) -> PILImage.Image:
+    """An image of a response or event: raw bytes in the struct, base64 once encoded to JSON."""
+    image = PILImage.open(io.BytesIO(data))
     assert image.format == "PNG"
     return image
 
