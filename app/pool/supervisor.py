@@ -81,7 +81,7 @@ class Supervisor:
         for i, ((device, k), models) in enumerate(layout.items()):
             sock = self.runtime_dir / f"w{i}.sock"
             name = self._name(device, k)
-            backend = WorkerBackend(name, f"unix:{sock}", connect_timeout=5.0)
+            backend = WorkerBackend(name, f"unix:{sock}", token=self.settings.worker_token, connect_timeout=5.0)
             worker = LocalWorker(device=device, models=models, socket_path=sock, member=self.pool.add(backend, models))
             worker.task = asyncio.create_task(self._keep_running(worker), name=f"supervise-{name}")
             self.workers.append(worker)

@@ -54,6 +54,9 @@ log = logging.getLogger("imagegate.worker")
 EMPTY_NEGATIVE_PROMPT_PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusion3Pipeline"})
 
 
+CANCELLED = Failed("the client went away", "cancelled")
+
+
 class JobCancelled(Exception):
     """Raised inside the denoising loop when every job of the pipeline call has been cancelled."""
 
@@ -118,6 +121,8 @@ class Engine:
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{device}")
         self._loop_task: asyncio.Task[None] | None = None
         self.running = 0
+        self._batch: list[Job] = []
+        self._stopping = False
         self.completed = 0
         self.cancelled = 0
         self.failed = 0
@@ -176,13 +181,16 @@ class Engine:
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            runs = [_Run(job, functools.partial(loop.call_soon_threadsafe, job.events.put_nowait)) for job in batch]
+            self._batch = await self._next_batch()
+            runs = [
+                _Run(job, functools.partial(loop.call_soon_threadsafe, job.events.put_nowait)) for job in self._batch
+            ]
             self.running += len(runs)
             try:
                 await loop.run_in_executor(self._executor, self._run, runs)
             finally:
                 self.running -= len(runs)
+                self._batch = []
             for run in runs:
                 setattr(self, run.outcome, getattr(self, run.outcome) + 1)
 
@@ -281,7 +289,9 @@ class Engine:
         """The runs still going, once those whose client has gone away are ended as cancelled."""
         for run in runs:
             if not run.outcome and run.job.cancelled.is_set():
-                self._end(run, "cancelled", lambda: [Failed("the client went away", "cancelled")])
+                # Stopping is no cancellation by the client: it must reach the client as an error.
+                last = Failed(f"the worker on {self.device} stopped", "internal") if self._stopping else CANCELLED
+                self._end(run, "cancelled", lambda last=last: [last])
         return [run for run in runs if not run.outcome]
 
     def _end(self, run: _Run, outcome: str, make: Callable[[], list[WorkerEvent]]) -> None:
@@ -301,7 +311,11 @@ class Engine:
             for event in events:
                 emit(event)
 
-        self._encoder.submit(run)
+        if not self._stopping:
+            self._encoder.submit(run)
+            return
+        with contextlib.suppress(RuntimeError):  # stopping: the encoder is shut down, and the loop may be closed
+            run()
 
     @staticmethod
     def _remove_background(loaded: LoadedModel, job: Job) -> list:
@@ -418,9 +432,11 @@ class Engine:
         self._encode(partials, run.emit)
 
     async def stop(self) -> None:
+        """Stop taking jobs and cancel every job, running ones included (they stop at their next step)."""
+        self._stopping = True
         if self._loop_task is not None:
             self._loop_task.cancel()
-        for job in self._waiting:
+        for job in [*self._batch, *self._waiting]:
             job.cancel()
         self._waiting.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)

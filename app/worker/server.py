@@ -47,9 +47,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
         mask = await request.content.readexactly(params.mask_bytes) if params.mask_bytes else None
     except (msgspec.DecodeError, asyncio.IncompleteReadError) as e:
         return web.Response(status=400, text=f"malformed job: {e}")
-    job = request.app[ENGINE].submit(params, image, mask)
     response = web.StreamResponse(headers={"content-type": CONTENT_TYPE})
-    await response.prepare(request)
+    await response.prepare(request)  # first: a gateway that already hung up gets no job run for nobody
+    job = request.app[ENGINE].submit(params, image, mask)
     finished = False
     try:
         while not finished:
