@@ -93,6 +93,7 @@ def serve(config: str | None, **overrides: Any) -> None:
         settings.port,
         settings.data_dir,
     )
+    _raise_open_files_limit()
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -106,6 +107,17 @@ def serve(config: str | None, **overrides: Any) -> None:
         timeout_graceful_shutdown=15,
     )
     DrainingServer(config, app, settings.drain_timeout).run()
+
+
+def _raise_open_files_limit() -> None:
+    """Every open stream holds two descriptors (client and backend): lift the soft limit (often 1024) to the hard."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 @main.command()

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
-import secrets
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -56,6 +56,15 @@ from app.worker.protocol import (
 log = logging.getLogger("imagegate.images")
 
 SEED_RANGE = 2**32
+_rng = random.Random()  # seeds and request ids need no secrecy, and a system call per request shows up in profiles
+
+
+def _random_seed() -> int:
+    return _rng.randrange(SEED_RANGE)
+
+
+def _request_id() -> str:
+    return f"{_rng.getrandbits(64):016x}"
 
 
 def image_tokens(width: int, height: int) -> int:
@@ -246,12 +255,12 @@ class ImageService:
             height=height,
             steps=steps,
             guidance=guidance,
-            seed=secrets.randbelow(SEED_RANGE) if req.seed is None else req.seed,
+            seed=_random_seed() if req.seed is None else req.seed,
             scheduler=scheduler,
             partial_images=(req.partial_images or 0) if req.stream else 0,
             output_format=req.output_format or "png",
             output_compression=req.output_compression,
-            request_id=f"img_{secrets.token_hex(8)}",
+            request_id=f"img_{_request_id()}",
         )
         return Job(
             params=params,
@@ -332,12 +341,12 @@ class ImageService:
             height=height,
             steps=steps,
             guidance=self._guidance(model, req.guidance_scale),
-            seed=secrets.randbelow(SEED_RANGE) if req.seed is None else req.seed,
+            seed=_random_seed() if req.seed is None else req.seed,
             scheduler=self._scheduler(model, req.scheduler),
             partial_images=(req.partial_images or 0) if req.stream and task != "background_removal" else 0,
             output_format=output_format,
             output_compression=req.output_compression,
-            request_id=f"edit_{secrets.token_hex(8)}",
+            request_id=f"edit_{_request_id()}",
             task=task,  # type: ignore[arg-type]
             strength=strength,
             image_bytes=image.size,
@@ -382,11 +391,11 @@ class ImageService:
             height=height,
             steps=model.default_steps,
             guidance=model.default_guidance,
-            seed=secrets.randbelow(SEED_RANGE) if req.seed is None else req.seed,
+            seed=_random_seed() if req.seed is None else req.seed,
             n=req.n,
             scheduler=self._scheduler(model, None),
             output_format=req.output_format or "png",
-            request_id=f"var_{secrets.token_hex(8)}",
+            request_id=f"var_{_request_id()}",
             task="img2img",
             strength=model.variation_strength,
             image_bytes=image.size,
