@@ -421,8 +421,7 @@ class ImageService:
                 )
             names.append(name)
         configured = [m for m in self._models[job.params.model].fallbacks if principal.allows(m)]
-        seen = {job.params.model}
-        return [n for n in [*names, *configured] if not (n in seen or seen.add(n))]  # type: ignore[func-returns-value]
+        return [n for n in dict.fromkeys([*names, *configured]) if n != job.params.model]
 
     def _fallback_name(self, item: str | Fallback) -> str:
         """A served model for a ``fallbacks`` entry: ``model``, ``provider/model`` or ``{provider, model}``."""
