@@ -15,10 +15,11 @@ log = logging.getLogger("imagegate.remote")
 
 
 class RemoteWorkers:
-    """Adds each configured remote worker to the pool and keeps its state current with cheap health probes.
+    """Adds each configured remote worker and upstream to the pool and keeps its state current with cheap probes.
 
-    A probe is ``GET /health`` (never a generation): ready when the worker says so and serves every model the
-    configuration routes to it; starting while it loads; down when it cannot be reached.
+    A probe is the backend's ``health()`` (``GET /health`` of a worker, ``GET /models`` of an upstream; never a
+    generation): ready when it says so and serves every model the configuration routes to it; starting while it
+    loads; down when it cannot be reached.
     """
 
     def __init__(self, settings: Settings, pool: Pool, interval: float = 2.0) -> None:
@@ -26,7 +27,7 @@ class RemoteWorkers:
         self.pool = pool
         self.interval = interval
         self._tasks: list[asyncio.Task[None]] = []
-        self._upstreams: list[UpstreamBackend] = []
+        self._members: list[Member] = []
 
     async def start(self) -> None:
         layout: dict[str, list[str]] = {}
@@ -35,14 +36,13 @@ class RemoteWorkers:
                 layout.setdefault(address, []).append(m.name)
         for address, models in layout.items():
             backend = WorkerBackend(f"remote-{address}", address, token=self.settings.worker_token)
-            member = self.pool.add(backend, models, probed=True)
-            self._tasks.append(asyncio.create_task(self._probe_forever(member), name=f"probe-{address}"))
-        # Upstreams (OpenAI-compatible APIs) are probed the same way: their health() is a cheap GET /models.
+            self._watch(self.pool.add(backend, models, probed=True))
         for u in self.settings.upstreams:
-            upstream = UpstreamBackend(u)
-            self._upstreams.append(upstream)
-            member = self.pool.add(upstream, list(u.models), capacity=u.concurrency, probed=True)
-            self._tasks.append(asyncio.create_task(self._probe_forever(member), name=f"probe-upstream-{u.name}"))
+            self._watch(self.pool.add(UpstreamBackend(u), list(u.models), capacity=u.concurrency, probed=True))
+
+    def _watch(self, member: Member) -> None:
+        self._members.append(member)
+        self._tasks.append(asyncio.create_task(self._probe_forever(member), name=f"probe-{member.name}"))
 
     async def _probe_forever(self, member: Member) -> None:
         while True:
@@ -57,8 +57,5 @@ class RemoteWorkers:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for member in self.pool.members:
-            if member.name.startswith("remote-"):
-                await member.backend.close()
-        for upstream in self._upstreams:
-            await upstream.close()
+        for member in self._members:
+            await member.backend.close()
