@@ -86,6 +86,18 @@ class Supervisor:
             worker.task = asyncio.create_task(self._keep_running(worker), name=f"supervise-{name}")
             self.workers.append(worker)
 
+    def _environment(self, w: LocalWorker) -> dict[str, str] | None:
+        """The environment of ``w``'s process: CPU workers on this host share its cores instead of each taking all.
+
+        torch gives every process one thread per core, so two CPU workers would run twice as many threads as there
+        are cores and slow each other down. Each CPU worker gets ``OMP_NUM_THREADS`` = cores // CPU workers (at least
+        1) unless the environment sets it; other devices inherit the environment unchanged (``None``).
+        """
+        if w.device != "cpu" or "OMP_NUM_THREADS" in os.environ:
+            return None
+        sharing = sum(device == "cpu" for device, _ in self._layout())
+        return {**os.environ, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // sharing))}
+
     def _command(self, w: LocalWorker) -> list[str]:
         cmd = [sys.executable, "-m", "app", "worker", "--device", w.device, "--listen", f"unix:{w.socket_path}"]
         cmd += ["--config", str(self._settings_file), "--parent-pid", str(os.getpid())]
@@ -100,7 +112,9 @@ class Supervisor:
             log.info("starting worker %s on %s for %s", w.member.name, w.device, ", ".join(w.models))
             started = time.monotonic()
             try:
-                w.process = await asyncio.create_subprocess_exec(*self._command(w), start_new_session=True)
+                w.process = await asyncio.create_subprocess_exec(
+                    *self._command(w), env=self._environment(w), start_new_session=True
+                )
                 await self._wait_ready(w)
                 code: int | str = await w.process.wait()
             except OSError as e:

@@ -49,12 +49,13 @@ def alive(pid: int) -> bool:
 class Server:
     """One `python -m app serve` with its own data dir and port; always stopped, workers included."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir / "serve.log"
         cmd = [sys.executable, "-m", "app", "serve", "--port", str(self.port), "--data-dir", str(data_dir), *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        environ = None if env is None else {**os.environ, **env}
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=environ)
 
     def wait_ready(self, timeout: float = 180) -> float:
         start = time.monotonic()

@@ -40,6 +40,8 @@ TOKEN = "pool-e2e-worker-token"
 SIZE = "128x128"
 PARTIALS = 3
 LOCAL = ("local-cpu", "local-cpu-2")
+SHARE = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // 3))}
+"""The three workers of :func:`pool3` share this host's cores equally, so that they run jobs at the same pace."""
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -208,7 +210,7 @@ def remote(tmp_path_factory, model_path) -> Iterator[Remote]:
     log = tmp / "worker.log"
     cmd = [sys.executable, "-m", "app", "worker", "--device", "cpu", "--listen", f"127.0.0.1:{port}"]
     cmd += ["--config", str(config), "--model", MODEL]
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **SHARE})
     try:
         wait_health(port, proc, log)
         yield Remote(port, proc, config)
@@ -246,7 +248,7 @@ def pool3(tmp_path_factory, model_path, remote) -> Iterator[Pool3]:
         remote=[f"127.0.0.1:{remote.port}"],
         routing="least_work",
     )
-    srv = Server(tmp, "--config", str(config))
+    srv = Server(tmp, "--config", str(config), env=SHARE)
     try:
         srv.wait_ready(timeout=300)  # one ready backend is enough for /ready: wait for all three
         assert sorted(backends(srv.url)) == sorted([*LOCAL, remote.name])

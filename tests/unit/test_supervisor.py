@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
-from app.config import load_settings
+import msgspec
+
+from app.config import demo_model, load_settings
 from app.pool import Pool, State
-from app.pool.supervisor import Supervisor
+from app.pool.supervisor import LocalWorker, Supervisor
 
 
 async def test_local_devices_without_the_worker_extra_are_down_with_a_reason(tmp_path, monkeypatch, caplog):
@@ -19,3 +22,35 @@ async def test_local_devices_without_the_worker_extra_are_down_with_a_reason(tmp
     assert supervisor.workers == [], "no process may be spawned"
     assert "install imagegate[worker]" in caplog.text
     await supervisor.stop()
+
+
+def _workers_environment(tmp_path, monkeypatch, devices: list[str], cores: int) -> dict[str, str | None]:
+    """Each local worker's OMP_NUM_THREADS (None: the environment is inherited unchanged) on a host of ``cores``."""
+    demo = msgspec.to_builtins(demo_model(str(tmp_path)))
+    models = [{**demo, "devices": devices}]
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "models": models})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)))
+    supervisor = Supervisor(settings, Pool(settings.models), tmp_path / "run")
+    environments = {}
+    for device, k in supervisor._layout():
+        env = supervisor._environment(LocalWorker(device, [], tmp_path / "w.sock", member=None))  # type: ignore[arg-type]
+        environments[Supervisor._name(device, k)] = None if env is None else env["OMP_NUM_THREADS"]
+    return environments
+
+
+def test_cpu_workers_share_the_cores_of_the_host(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert _workers_environment(tmp_path, monkeypatch, ["cpu"], 8) == {"local-cpu": "8"}
+    assert _workers_environment(tmp_path, monkeypatch, ["cpu", "cpu"], 8) == {"local-cpu": "4", "local-cpu-2": "4"}
+    assert _workers_environment(tmp_path, monkeypatch, ["cpu"] * 3, 2) == {
+        "local-cpu": "1",
+        "local-cpu-2": "1",
+        "local-cpu-3": "1",
+    }
+    # GPU workers keep the environment as it is, and do not count against the CPU workers' share.
+    assert _workers_environment(tmp_path, monkeypatch, ["cuda:0", "cpu"], 8) == {"local-cuda0": None, "local-cpu": "8"}
+
+
+def test_an_operator_set_thread_count_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _workers_environment(tmp_path, monkeypatch, ["cpu", "cpu"], 8) == {"local-cpu": None, "local-cpu-2": None}
