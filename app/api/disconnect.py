@@ -14,21 +14,27 @@ T = TypeVar("T")
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client disconnects first (the body must have been read already)."""
-    task = asyncio.ensure_future(work)
+    """Await ``work``, cancelling it if the client disconnects first (the body must have been read already).
+
+    ``work`` runs in the calling task (no task of its own); a watcher task cancels that task on a disconnect.
+    """
+    caller = asyncio.current_task()
+    assert caller is not None
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        task.cancel()
+        gone = True
+        caller.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
-        return await task
+        return await work
     except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled():
+        if gone and caller.uncancel() == 0:
             raise Cancelled("The client disconnected.") from None
         raise
     finally:
         watcher.cancel()
-        task.cancel()

@@ -147,7 +147,8 @@ class Dispatch:
             while True:
                 waited = time.perf_counter()
                 try:
-                    event = await asyncio.wait_for(anext(events), timeout=max(self.deadline - time.monotonic(), 0.001))
+                    async with asyncio.timeout(max(self.deadline - time.monotonic(), 0.001)):  # no task per event
+                        event = await anext(events)
                 except StopAsyncIteration:
                     raise self._lost(member, BackendFailed("the backend ended the stream without a result")) from None
                 except BackendFailed as e:
