@@ -20,12 +20,11 @@ from litestar.di import Provide
 from litestar.plugins.prometheus import PrometheusController
 from litestar.static_files import create_static_files_router
 
-from app import metrics
 from app.api.admin import AdminController
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.images import ImagesController, UploadsController
-from app.api.overhead import HEADER as OVERHEAD_HEADER
-from app.api.overhead import overhead_middleware
+from app.api.instrument import HEADER as OVERHEAD_HEADER
+from app.api.instrument import instrument_middleware
 from app.api.playground import STATIC_DIR, PlaygroundController
 from app.api.system import SystemController
 from app.auth.guard import Guard
@@ -156,7 +155,7 @@ def create_app(
             "settings": Provide(lambda: settings, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        middleware=[overhead_middleware, metrics.http.middleware, AuthMiddleware],
+        middleware=[instrument_middleware, AuthMiddleware],
         request_max_body_size=settings.max_body_size,
         openapi_config=None,
         logging_config=None,

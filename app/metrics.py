@@ -9,19 +9,18 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from litestar.plugins.prometheus import PrometheusConfig
 from prometheus_client import Counter, Gauge, Histogram
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
-http = PrometheusConfig(
-    app_name="imagegate",
-    prefix="imagegate_http",
-    group_path=True,
-    excluded_http_methods=["OPTIONS"],
-    exclude=["/metrics"],
+_HTTP = ["method", "path", "status_code", "app_name"]
+HTTP_REQUESTS = Counter("imagegate_http_requests_total", "Total requests", _HTTP)
+HTTP_DURATION = Histogram("imagegate_http_request_duration_seconds", "Request duration, in seconds", _HTTP)
+HTTP_IN_PROGRESS = Gauge(
+    "imagegate_http_requests_in_progress", "Total requests currently in progress", _HTTP, multiprocess_mode="livesum"
 )
-"""HTTP metrics per method, route template and status: imagegate_http_requests_total and friends."""
+HTTP_ERRORS = Counter("imagegate_http_requests_error_total", "Total errors in requests", _HTTP)
+"""HTTP metrics per method, route template (``path``) and status; OPTIONS requests and /metrics are not counted."""
 
 IMAGES = Counter(
     "imagegate_images_total",

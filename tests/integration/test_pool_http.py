@@ -61,6 +61,39 @@ def overhead_ms(response) -> float:
     return float(value)
 
 
+# -- HTTP metrics ---------------------------------------------------------------------------------------------------
+
+
+def http_sample(name: str, method: str, path: str, status: int) -> float:
+    labels = {"method": method, "path": path, "status_code": str(status), "app_name": "imagegate"}
+    return sample(f"imagegate_http_{name}", **labels)
+
+
+def test_http_metrics_by_method_route_template_and_status(tmp_path):
+    model = _n("m")
+    routes = [(GENERATIONS, 200), (GENERATIONS, 400), (GENERATIONS, 503), ("/admin/keys/{key_id}", 404)]
+    series = [("POST", path, status) for path, status in routes[:3]] + [("GET", *routes[3])]
+    names = ("requests_total", "request_duration_seconds_count", "requests_error_total")
+    before = {(name, s): http_sample(name, *s) for name in names for s in series}
+    with make_client(tmp_path, [(FakeBackend(_n("b")), [model])], models=[_model(model)]) as tc:
+        assert tc.post(GENERATIONS, json={"model": model, "prompt": "p"}).status_code == 200
+        assert tc.post(GENERATIONS, json={"model": model, "prompt": "p", "size": "1x1"}).status_code == 400
+        tc.app.state.pool.members[0].state = State.DOWN
+        assert tc.post(GENERATIONS, json={"model": model, "prompt": "p"}).status_code == 503
+        assert tc.get("/admin/keys/key_nowhere").status_code == 404  # counted by its template, not its id
+        scrapes = http_sample("requests_total", "GET", "/metrics", 200)
+        tc.get("/metrics")
+        tc.options(GENERATIONS, headers={"origin": "http://x", "access-control-request-method": "POST"})
+    delta = {(name, s): http_sample(name, *s) - before[(name, s)] for name in names for s in series}
+    for s in series:
+        assert delta[("requests_total", s)] == 1, (s, delta)
+        assert delta[("request_duration_seconds_count", s)] == 1, (s, delta)
+        assert delta[("requests_error_total", s)] == (1 if s[2] >= 500 else 0), (s, delta)
+    assert http_sample("requests_in_progress", "POST", GENERATIONS, 200) == 0
+    assert http_sample("requests_total", "GET", "/metrics", 200) == scrapes, "scrapes are not counted"
+    assert http_sample("requests_total", "OPTIONS", GENERATIONS, 200) == 0, "preflights are not counted"
+
+
 # -- the overhead header and histogram --------------------------------------------------------------------------
 
 
