@@ -22,6 +22,8 @@ from app.store.keys import KeyStore
 log = logging.getLogger("imagegate.auth")
 
 MAX_ALIAS_LABELS = 100
+USAGE_WRITE_INTERVAL = 0.05
+"""Seconds that usage waits to be written with the rest of its batch (also the most a crash can lose)."""
 
 
 def period_bounds(period: str, now: float) -> tuple[float, float]:
@@ -136,11 +138,13 @@ class Guard:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
-        """Write the pending usage in one transaction, again until none is left.
+        """Write the pending usage in one transaction, every :data:`USAGE_WRITE_INTERVAL` until none is left.
 
-        Under load one write covers every request that ended while the previous write ran.
+        Under load one write covers every request that ended in the interval, instead of one write per request.
+        Quotas count pending images as held, so the interval never lets a key exceed its quota.
         """
         while self._pending:
+            await asyncio.sleep(USAGE_WRITE_INTERVAL)
             batch, self._pending = self._pending, {}
             try:
                 await self.store.record_usage([(pid, hour, *counts) for (pid, hour), counts in batch.items()])
