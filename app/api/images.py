@@ -6,16 +6,13 @@ of a handler concurrently, in a task group per request, which costs more than th
 
 from __future__ import annotations
 
-import msgspec
 from litestar import Controller, MediaType, Request, Response, post
 from litestar.types import ASGIApp
 
 from app.api import sse, uploads
 from app.api.disconnect import unless_disconnected
-from app.protocol.images import ImageGenerateRequest, ImagesResponse
+from app.protocol.images import ImageGenerateRequest, ImagesResponse, encode_json
 from app.services.images import ImageService
-
-_encode = msgspec.json.Encoder().encode
 
 
 def base_url(request: Request) -> str:
@@ -23,7 +20,7 @@ def base_url(request: Request) -> str:
 
 
 def _json(result: ImagesResponse) -> ASGIApp:
-    return Response(_encode(result), media_type=MediaType.JSON)  # type: ignore[return-value]
+    return Response(encode_json(result), media_type=MediaType.JSON)  # type: ignore[return-value]
 
 
 class ImagesController(Controller):

@@ -13,18 +13,17 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from sse_starlette import EventSourceResponse
 
 from app.errors import ApiError, Cancelled, ErrorEvent
+from app.protocol.images import encode_json
 from app.services.images import EventStream
 
 log = logging.getLogger("imagegate.sse")
-
-_encode = msgspec.json.Encoder().encode
 
 SEND_TIMEOUT = 60.0
 """A client that reads nothing for this long is treated as gone, and its job is stopped."""
 
 
 def frame(event_type: str, payload: msgspec.Struct) -> bytes:
-    return b"event: " + event_type.encode() + b"\ndata: " + _encode(payload) + b"\n\n"
+    return b"".join((b"event: ", event_type.encode(), b"\ndata: ", encode_json(payload), b"\n\n"))  # one copy
 
 
 def _error_frame(error: ApiError) -> bytes:

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from app.worker.protocol import Base64
+
 Quality = Literal["auto", "low", "medium", "high", "standard", "hd"]
 ResponseFormat = Literal["url", "b64_json"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -114,7 +116,7 @@ class ImagesUsage(msgspec.Struct):
 
 class ImageData(msgspec.Struct, omit_defaults=True):
     b64_json: bytes | UnsetType = UNSET
-    """The image; JSON carries it base64-encoded (msgspec encodes ``bytes`` so, in one pass)."""
+    """The image; JSON carries it base64-encoded (by :data:`encode_json`, in one pass)."""
     url: str | UnsetType = UNSET
     revised_prompt: str | UnsetType = UNSET
 
@@ -172,3 +174,13 @@ class Model(msgspec.Struct):
 class ModelList(msgspec.Struct):
     data: list[Model]
     object: str = "list"
+
+
+def _as_is(value: object) -> msgspec.Raw:
+    if isinstance(value, Base64):  # a JSON string already: written as it is, not copied
+        return msgspec.Raw(value)
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+encode_json = msgspec.json.Encoder(enc_hook=_as_is).encode
+"""The encoder of every JSON body and event the API sends: ``bytes`` become base64, :class:`Base64` stays as is."""

@@ -50,6 +50,7 @@ from app.worker.protocol import (
     Started,
     WorkerEvent,
     canonical_scheduler,
+    image_bytes,
     parse_size,
 )
 
@@ -554,7 +555,7 @@ class ImageService:
         if job.response_format == "url":
             base = self.settings.public_url or base_url
             names = await asyncio.to_thread(
-                lambda: [self.files.save(images[i], p.output_format) for i in sorted(images)]
+                lambda: [self.files.save(image_bytes(images[i]), p.output_format) for i in sorted(images)]
             )
             data = [ImageData(url=self.files.url(base, name)) for name in names]
         else:

@@ -8,12 +8,13 @@ msgpack frames, each one :data:`WorkerEvent`::
     [4-byte big-endian length][msgpack event] [4-byte length][msgpack event] ...
 
 Images travel as raw bytes (msgpack ``bin`` or the body itself), never base64, so no hop pays for an encode it does
-not need. A stream ends after :class:`Done` or :class:`Failed`; a stream that ends before either is a worker
-failure.
+not need (images an upstream API sent as base64 stay so, as :class:`Base64`, on their way through the gateway). A
+stream ends after :class:`Done` or :class:`Failed`; a stream that ends before either is a worker failure.
 """
 
 from __future__ import annotations
 
+import binascii
 import struct
 from typing import Literal
 
@@ -133,6 +134,21 @@ class Started(msgspec.Struct, tag="started"):
 class Progress(msgspec.Struct, tag="progress"):
     step: int
     total: int
+
+
+class Base64(bytes):
+    """An image still in base64, as an upstream API sent it: the JSON string, quotes included (never on the wire).
+
+    It goes on to the client's JSON as it came, unless something needs the image itself (:func:`image_bytes`): a
+    relayed answer then costs no decode and no encode of megabytes.
+    """
+
+    __slots__ = ()
+
+
+def image_bytes(data: bytes) -> bytes:
+    """The image itself, from the ``data`` of a :class:`Partial` or :class:`Image`."""
+    return binascii.a2b_base64(memoryview(data)[1:-1]) if isinstance(data, Base64) else data
 
 
 class Partial(msgspec.Struct, tag="partial"):

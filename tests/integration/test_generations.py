@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import httpx
+import msgspec
 import openai
 import pytest
 from litestar.testing import AsyncTestClient
@@ -18,6 +19,8 @@ from prometheus_client import REGISTRY
 from app.asgi import create_app
 from app.backends.fake import FakeBackend
 from app.config import DEMO_MODEL, load_settings
+from app.worker.protocol import Base64, Partial
+from app.worker.protocol import Image as WorkerImage
 
 from .conftest import BASE, make_client
 
@@ -219,3 +222,29 @@ def test_keep_alive_comments_while_waiting(tmp_path):
     assert text.startswith(": ping")
     assert "event: image_generation.completed" in text
     assert "id:" not in text
+
+
+class RelayingBackend(FakeBackend):
+    """A backend whose images arrive as base64 text, as an upstream API's do."""
+
+    async def generate(self, params, attachments=()):
+        async for event in super().generate(params, attachments):
+            if isinstance(event, WorkerImage | Partial):
+                event = msgspec.structs.replace(event, data=Base64(b'"' + base64.b64encode(event.data) + b'"'))
+            yield event
+
+
+def test_base64_from_an_upstream_reaches_the_client_as_it_came(tmp_path):
+    relay, plain = RelayingBackend(models=[DEMO_MODEL]), FakeBackend(models=[DEMO_MODEL])
+    body = {"prompt": "p", "size": "64x64", "seed": 7}
+    answers = {}
+    for name, backend in (("relay", relay), ("plain", plain)):
+        with make_client(tmp_path / name, [(backend, [DEMO_MODEL])]) as tc:
+            b64 = tc.post("/v1/images/generations", json=body).json()["data"][0]["b64_json"]
+            streamed = tc.post("/v1/images/generations", json={**body, "stream": True, "partial_images": 1}).text
+            url = tc.post("/v1/images/generations", json={**body, "response_format": "url"}).json()["data"][0]["url"]
+            stored = tc.get(httpx.URL(url).raw_path.decode()).content
+            answers[name] = (b64, streamed.count('"b64_json":"' + b64 + '"'), stored)
+    assert answers["relay"] == answers["plain"], "same JSON, same events, same stored file either way"
+    b64, completed_events, stored = answers["relay"]
+    assert completed_events == 1 and base64.b64decode(b64) == stored and png_size(b64) == (64, 64)

@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from app.backends.upstream import UpstreamBackend
+from app.backends.upstream import MALFORMED, UpstreamBackend, _image
 from app.config import ConfigError, UpstreamConfig
 from app.errors import BackendFailed
+from app.worker import protocol
 from app.worker.protocol import Done, Failed, GenerationParams, Image, Partial, Started, WorkerEvent
 
 KEY = "sk-upstream-test"
@@ -241,7 +243,11 @@ async def test_generation_maps_the_model_sends_the_key_and_yields_images(stub):
         events = await run(b, params(n=2))
     assert [type(e) for e in events] == [Started, Image, Image, Done]
     assert events[0].prompt_tokens == 7
-    assert [(e.index, e.data, e.seed) for e in events[1:3]] == [(0, image_bytes(0), 42), (1, image_bytes(1), 43)]
+    assert [(e.index, protocol.image_bytes(e.data), e.seed) for e in events[1:3]] == [
+        (0, image_bytes(0), 42),
+        (1, image_bytes(1), 43),
+    ]
+    assert all(isinstance(e.data, protocol.Base64) for e in events[1:3]), "plain base64 is passed on as it came"
     (req,) = stub.requests
     assert req["path"] == "/v1/images/generations"
     assert req["headers"]["Authorization"] == f"Bearer {KEY}"
@@ -282,11 +288,36 @@ async def test_prompt_tokens_fall_back_to_input_tokens_then_zero(stub):
         assert (await run(b, params()))[0].prompt_tokens == 0
 
 
+IMG = bytes(range(256)) * 3 + b"x"  # 769 bytes: its base64 ends in "=="
+
+
+@pytest.mark.parametrize(
+    ("token", "passed_on"),
+    [
+        (b'"' + base64.b64encode(IMG) + b'"', True),  # what APIs send: kept as it came
+        (b'"' + base64.b64encode(IMG).rstrip(b"=") + b'"', False),  # no padding: decoded leniently
+        (b'"' + base64.encodebytes(IMG).replace(b"\n", b"\\n") + b'"', False),  # escaped line breaks
+        (b'"' + base64.b64encode(IMG).replace(b"/", b"\\/") + b'"', False),  # escaped slashes
+    ],
+)
+def test_an_image_token_is_passed_on_when_plain_and_decoded_otherwise(token, passed_on):
+    data = _image(msgspec.Raw(token))
+    assert isinstance(data, protocol.Base64) is passed_on
+    assert protocol.image_bytes(data) == IMG
+
+
+def test_an_absent_or_non_string_image_token():
+    assert _image(msgspec.Raw()) is None
+    assert _image(msgspec.Raw(b"null")) is None
+    with pytest.raises(MALFORMED):
+        _image(msgspec.Raw(b"12"))
+
+
 async def test_url_answers_are_fetched(stub):
     stub.mode = "url"
     async with backend(stub) as b:
         events = await run(b, params(n=2))
-    assert [e.data for e in events if isinstance(e, Image)] == [image_bytes(0), image_bytes(1)]
+    assert [protocol.image_bytes(e.data) for e in events if isinstance(e, Image)] == [image_bytes(0), image_bytes(1)]
     fetched = [r for r in stub.requests if r["path"].startswith("/files/")]
     assert sorted(r["path"] for r in fetched) == ["/files/0", "/files/1"]
 
@@ -307,9 +338,9 @@ async def test_a_stream_yields_partials_and_images_as_they_come(stub, with_index
     assert stub.requests[0]["json"]["stream"] is True and stub.requests[0]["json"]["partial_images"] == 2
     assert isinstance(events[0], Started) and isinstance(events[-1], Done)
     body = [
-        (type(e).__name__, e.image_index, e.partial_index, e.data)
+        (type(e).__name__, e.image_index, e.partial_index, protocol.image_bytes(e.data))
         if isinstance(e, Partial)
-        else (type(e).__name__, e.index, e.seed, e.data)
+        else (type(e).__name__, e.index, e.seed, protocol.image_bytes(e.data))
         for e in events[1:-1]
     ]
     assert body == [
