@@ -15,7 +15,6 @@ import httpx
 import openai
 import pytest
 from litestar.testing import AsyncTestClient, TestClient
-from prometheus_client import REGISTRY
 
 from app.asgi import create_app
 from app.auth.principals import KEY_PREFIX, digest, hash_password, new_key
@@ -24,6 +23,7 @@ from app.config import DEMO_MODEL, load_settings
 from app.protocol.admin import KeyCreate
 from app.services.keys import KeyService
 from app.store.keys import SqliteStore
+from tests.helpers import sample
 
 from .conftest import BASE
 
@@ -46,10 +46,6 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
-
-
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def basic(user: str, password: str) -> str:

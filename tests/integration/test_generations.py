@@ -14,23 +14,19 @@ import openai
 import pytest
 from litestar.testing import AsyncTestClient
 from PIL import Image
-from prometheus_client import REGISTRY
 
 from app.asgi import create_app
 from app.backends.fake import FakeBackend
 from app.config import DEMO_MODEL, load_settings
 from app.worker.protocol import Base64, Partial
 from app.worker.protocol import Image as WorkerImage
+from tests.helpers import sample
 
 from .conftest import BASE, make_client
 
 
 def png_size(b64: str) -> tuple[int, int]:
     return Image.open(io.BytesIO(base64.b64decode(b64))).size
-
-
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def test_generate_b64_with_the_sdk(sdk, fake):

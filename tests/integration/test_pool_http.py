@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 import pytest
-from prometheus_client import REGISTRY
 
 from app import contract
 from app.api.system import Readiness
 from app.backends.fake import FakeBackend
-from app.pool import Member, State
+from app.pool import State
+from tests.helpers import InOrder, sample
 
 from .conftest import make_client
 from .test_edits import post_edit
@@ -35,23 +34,12 @@ def _model(name: str, **fields: Any) -> dict[str, Any]:
     return {"name": name, "path": f"/m/{name}", "default_size": "64x64", "default_steps": 3, **fields}
 
 
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 def overhead_count() -> float:
     return sample("imagegate_gateway_overhead_seconds_count")
 
 
 def sse_types(text: str) -> list[str]:
     return [line.removeprefix("event: ") for line in text.split("\n") if line.startswith("event: ")]
-
-
-class InOrder:
-    """A routing policy that takes the first candidate: backends are tried in the order they were added."""
-
-    def choose(self, candidates: Sequence[Member], work: float) -> Member:
-        return candidates[0]
 
 
 def overhead_ms(response) -> float:

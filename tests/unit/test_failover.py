@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
-from prometheus_client import REGISTRY
 
 from app.auth.guard import Guard
 from app.auth.principals import Principal
@@ -26,7 +25,7 @@ from app.errors import (
     PermissionDenied,
     Unavailable,
 )
-from app.pool import Breaker, Member, Pool, PowerOfTwoLeastWork, State
+from app.pool import Breaker, Pool, PowerOfTwoLeastWork, State
 from app.protocol.images import (
     Fallback,
     ImageGenCompletedEvent,
@@ -37,6 +36,7 @@ from app.services.images import ImageService
 from app.store.files import ImageFiles
 from app.store.keys import SqliteStore, Usage
 from app.worker.protocol import Done, Failed, GenerationParams, Image, Progress, Started, WorkerEvent
+from tests.helpers import InOrder, sample
 
 NOW = 1_750_000_000.0
 _ids = itertools.count()
@@ -54,10 +54,6 @@ def _req(model: str, **fields: Any) -> ImageGenerateRequest:
     return ImageGenerateRequest(**{"prompt": "a red fox", "model": model, **fields})
 
 
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 def retries(model: str) -> float:
     return sample("imagegate_retries_total", model=model)
 
@@ -68,13 +64,6 @@ def failures(backend: FakeBackend) -> float:
 
 def fallbacks(model: str, fallback: str) -> float:
     return sample("imagegate_fallbacks_total", model=model, fallback=fallback)
-
-
-class InOrder:
-    """A routing policy that takes the first candidate: backends are tried in the order they were added."""
-
-    def choose(self, candidates: Sequence[Member], work: float) -> Member:
-        return candidates[0]
 
 
 class Scripted(FakeBackend):

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY
-
 from app.api.instrument import HEADER, instrument_middleware
+from tests.helpers import sample
 
 PATH = "/unit/{thing}"
 
 
 def http_sample(name: str, status: int = 200, method: str = "POST") -> float:
     labels = {"method": method, "path": PATH, "status_code": str(status), "app_name": "imagegate"}
-    return REGISTRY.get_sample_value(f"imagegate_http_{name}", labels) or 0.0
+    return sample(f"imagegate_http_{name}", **labels)
 
 
 async def call(app, method: str = "POST", path: str = "/unit/1") -> list[dict]:

@@ -17,6 +17,7 @@ from app.backends.fake import FakeBackend
 from app.config import ConfigError, ModelConfig, load_settings
 from app.errors import Overloaded, Unavailable
 from app.pool import POLICIES, Breaker, LeastOutstandingWork, Member, Pool, PowerOfTwoLeastWork, State
+from tests.helpers import sample
 
 _ids = itertools.count()
 
@@ -277,10 +278,6 @@ def test_is_ready_needs_every_model():
     assert not pool.is_ready()
 
 
-def _sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 def _state_gauges(backend: str) -> dict[str, float | None]:
     return {
         s.value: REGISTRY.get_sample_value("imagegate_backend_state", {"backend": backend, "state": s.value})
@@ -443,7 +440,7 @@ def test_breaker_third_failure_in_the_window_starts_a_cooldown():
     t = [1000.0]
     pool, member, model = _breaker_pool(t)
     name = member.name
-    assert _sample("imagegate_backend_cooldowns_total", backend=name) == 0
+    assert sample("imagegate_backend_cooldowns_total", backend=name) == 0
     assert REGISTRY.get_sample_value("imagegate_backend_failures_total", {"backend": name}) == 0  # series exist
 
     pool.failed(member, "unreachable")
@@ -452,7 +449,7 @@ def test_breaker_third_failure_in_the_window_starts_a_cooldown():
     assert member.state is State.READY
     assert pool.ready(model) == [member]
     assert len(member.failures) == 2
-    assert _sample("imagegate_backend_failures_total", backend=name) == 2
+    assert sample("imagegate_backend_failures_total", backend=name) == 2
 
     t[0] += 1
     pool.failed(member, "broke off")
@@ -463,8 +460,8 @@ def test_breaker_third_failure_in_the_window_starts_a_cooldown():
     assert not pool.is_ready()
     with pytest.raises(Unavailable):
         pool.acquire(model, 1.0)
-    assert _sample("imagegate_backend_failures_total", backend=name) == 3
-    assert _sample("imagegate_backend_cooldowns_total", backend=name) == 1
+    assert sample("imagegate_backend_failures_total", backend=name) == 3
+    assert sample("imagegate_backend_cooldowns_total", backend=name) == 1
     assert _state_gauges(name) == {"starting": 0, "ready": 0, "cooling_down": 1, "down": 0}
     assert _backend_up(name) == 0
     assert _workers_up(model) == 0
@@ -483,7 +480,7 @@ def test_breaker_failures_older_than_the_window_do_not_count():
     t[0] = 1089.0  # 1030, 1061, 1089 are within 60 s
     pool.failed(member, "x")
     assert member.state is State.COOLING_DOWN
-    assert _sample("imagegate_backend_cooldowns_total", backend=member.name) == 1
+    assert sample("imagegate_backend_cooldowns_total", backend=member.name) == 1
 
 
 def test_breaker_failures_while_cooling_do_not_start_another_cooldown():
@@ -496,7 +493,7 @@ def test_breaker_failures_while_cooling_do_not_start_another_cooldown():
     pool.failed(member, "x")  # a request admitted before the cooldown fails late
     assert member.state is State.COOLING_DOWN
     assert member.cooling_until == until
-    assert _sample("imagegate_backend_cooldowns_total", backend=member.name) == 1
+    assert sample("imagegate_backend_cooldowns_total", backend=member.name) == 1
 
 
 def test_report_health_ready_keeps_a_cooling_backend_out_until_the_cooldown_is_over():
