@@ -10,6 +10,7 @@ blurry version of the final picture, which is what a partial image should show. 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from typing import Any
@@ -81,6 +82,9 @@ class X0Tracker:
         self.wanted = False
         original = scheduler.step
 
+        # ``wraps`` keeps ``step``'s signature visible: pipelines inspect it to decide whether to pass ``generator``
+        # and ``eta``, and without them an ancestral scheduler draws its noise from torch's global RNG.
+        @functools.wraps(original)
         def step(model_output, timestep, sample, *args, **kwargs):
             out = original(model_output, timestep, sample, *args, **kwargs)
             if self.wanted:
