@@ -47,15 +47,23 @@ async def generate(request: web.Request) -> web.StreamResponse:
         mask = await request.content.readexactly(params.mask_bytes) if params.mask_bytes else None
     except (msgspec.DecodeError, asyncio.IncompleteReadError) as e:
         return web.Response(status=400, text=f"malformed job: {e}")
+    engine = request.app[ENGINE]
     response = web.StreamResponse(headers={"content-type": CONTENT_TYPE})
-    await response.prepare(request)  # first: a gateway that already hung up gets no job run for nobody
-    job = request.app[ENGINE].submit(params, image, mask)
+    try:
+        await response.prepare(request)  # first: a gateway that already hung up gets no job run for nobody
+    except ConnectionResetError:
+        engine.cancelled += 1
+        log.debug("job %s: the gateway hung up before it started", params.request_id)
+        return response
+    job = engine.submit(params, image, mask)
     finished = False
     try:
         while not finished:
             event = await job.events.get()
             finished = isinstance(event, Done | Failed)
             await response.write(encode_frame(event))
+    except ConnectionResetError:  # a hang-up is how a gateway cancels: the engine counts the job as cancelled
+        log.debug("job %s: the gateway hung up", params.request_id)
     finally:
         if not finished:  # the gateway hung up (or we are shutting down): stop the job at its next step
             job.cancel()
