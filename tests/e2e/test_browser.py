@@ -34,6 +34,7 @@ CHROMIUM_ARGS = [
 ]
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
+PHONES = (PHONE, {"width": 360, "height": 800})
 TIMEOUT_MS = 90_000
 
 # Records every data-state change of the tiles under a gallery as "index:state:partials" in window.__states.
@@ -71,6 +72,22 @@ CAPTURE_FORM = """() => {
 }"""
 
 
+# How wide the page is, and which rendered elements end past the viewport's right edge (hidden panels and a closed
+# <details> have no box that counts: checkVisibility() is false for them).
+OVERFLOW = """() => {
+    const wide = [];
+    for (const e of document.body.querySelectorAll("*")) {
+        if (!e.checkVisibility()) continue;
+        const right = e.getBoundingClientRect().right;
+        if (right > window.innerWidth + 0.5) {
+            wide.push(`${e.tagName.toLowerCase()}${e.id ? "#" + e.id : ""}${e.className ? "." + e.className : ""}`
+                + ` ends at ${Math.round(right)}`);
+        }
+    }
+    return {scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth, wide: wide.slice(0, 8)};
+}"""
+
+
 def metric(server: Server, name: str, **labels: str) -> float:
     for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
         if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -101,16 +118,51 @@ def artifacts(tmp_path) -> Path:
     return folder
 
 
-def open_page(browser, server: Server, viewport: dict[str, int]):
+def open_page(browser, server: Server, viewport: dict[str, int], *, settle: bool = False):
+    """A loaded page; any console error, failed request or HTTP error while it loads fails the test.
+
+    Chromium fetches /favicon.ico after the load event, once per browser process, and Playwright sees only the
+    console error a 404 there logs: ``settle`` waits for the network to go quiet so that such late errors count.
+    """
     context = browser.new_context(viewport=viewport)
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     page.page_errors = []  # type: ignore[attr-defined]
     page.on("pageerror", lambda error: page.page_errors.append(str(error)))  # type: ignore[attr-defined]
+    problems: list[str] = []
+
+    def console(message) -> None:
+        if message.type == "error":
+            problems.append(f"console error: {message.text} ({message.location.get('url')})")
+
+    def failed(request) -> None:
+        problems.append(f"request failed: {request.method} {request.url}: {request.failure}")
+
+    def response(response) -> None:
+        if response.status >= 400:
+            problems.append(f"HTTP {response.status}: {response.request.method} {response.url}")
+
+    listeners = {"console": console, "requestfailed": failed, "response": response}
+    for event, listener in listeners.items():
+        page.on(event, listener)
     page.goto(f"{server.url}/")
     page.wait_for_selector("body[data-models='loaded']")
+    if settle:
+        page.wait_for_load_state("networkidle")
+    for event, listener in listeners.items():  # from here on, errors are the test's business (an HTTP 400 alert)
+        page.remove_listener(event, listener)
+    assert not problems, f"loading the page logged errors: {problems}"
     assert page.locator("#gen-model option").all_text_contents() == [MODEL]
     return context, page
+
+
+def assert_fits_phones(page, what: str) -> None:
+    """Nothing on the page is wider than a phone's screen, at each width of PHONES; leaves the page at PHONE."""
+    for viewport in PHONES:
+        page.set_viewport_size(viewport)
+        fit = page.evaluate(OVERFLOW)
+        assert fit["scrollWidth"] <= fit["innerWidth"] and not fit["wide"], f"{what} at {viewport['width']} px: {fit}"
+    page.set_viewport_size(PHONE)
 
 
 def screenshot(page, artifacts: Path, name: str) -> None:
@@ -228,7 +280,7 @@ def test_http_error_shows_an_alert_on_a_phone(browser, server, artifacts):
     context, page = open_page(browser, server, PHONE)
     try:
         # Single column: nothing wider than the screen.
-        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        assert_fits_phones(page, "Generate tab")
         form, gallery = page.locator("#generate-form").bounding_box(), page.locator("#gen-gallery").bounding_box()
         assert gallery["y"] >= form["y"] + form["height"], "the gallery should sit below the form on a phone"
 
@@ -240,6 +292,48 @@ def test_http_error_shows_an_alert_on_a_phone(browser, server, artifacts):
         assert "size" in text.lower(), text
         assert page.locator("#gen-run").is_enabled()
         screenshot(page, artifacts, "error-phone")
+        assert not page.page_errors, f"JavaScript errors: {page.page_errors}"
+    finally:
+        context.close()
+
+
+def test_page_load_logs_no_errors(browser, server):
+    # A browser of its own: Chromium asks for /favicon.ico only on its first page load.
+    fresh = browser.browser_type.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    try:
+        context, page = open_page(fresh, server, PHONE, settle=True)
+        assert page.locator("link[rel='icon']").get_attribute("href").startswith("data:image/svg+xml,")
+        context.close()
+    finally:
+        fresh.close()
+
+
+def test_both_tabs_fit_a_phone(browser, server, tmp_path, artifacts):
+    source = tmp_path / "source.png"
+    Image.new("RGB", (256, 256), "teal").save(source)
+    context, page = open_page(browser, server, PHONE)
+    try:
+        assert_fits_phones(page, "Generate tab")
+        fill_generate(page, size="256x256", steps=2, partials=0)
+        page.click("#gen-run")
+        page.wait_for_selector("#gen-gallery .tile[data-state='final']")
+        assert_fits_phones(page, "Generate tab with an image")
+
+        page.click("#tab-edit")
+        assert_fits_phones(page, "Edit tab")
+        page.set_input_files("#edit-file", str(source))
+        page.wait_for_selector("#canvas-wrap:not([hidden])")
+        assert_fits_phones(page, "Edit tab with an image to paint")
+        page.fill("#edit-steps", "2")
+        page.fill("#edit-partials", "0")
+        page.click("#edit-run")
+        page.wait_for_selector("#edit-gallery .tile[data-state='final']")
+        assert page.locator("#error").text_content() == ""
+        assert_fits_phones(page, "Edit tab with an edited image")
+        screenshot(page, artifacts, "edit-phone")
+
+        page.click("#tab-generate")
+        assert_fits_phones(page, "Generate tab after an edit")
         assert not page.page_errors, f"JavaScript errors: {page.page_errors}"
     finally:
         context.close()
