@@ -1,28 +1,41 @@
 """Reading edit and variation requests: multipart (the SDKs' form) or JSON (OpenAI's newer edit form).
 
-Multipart uploads stream into temporary files as they arrive (Litestar spools every part over 1 MiB to disk) and
-Litestar closes them when the response ends. Scalars arrive as strings and are coerced with the same rules as JSON.
-Files may come as ``image``, repeated ``image`` or ``image[]`` (what the SDKs send for a list, even of one).
+Multipart bodies are parsed as they stream in, by the push parser Litestar itself uses (``multipart``), so that
+every part has its own limit: an image part goes to a temporary file (on disk past 1 MiB) and is refused as soon as
+it passes ``max_image_bytes``; a text field is held in memory up to :data:`MAX_FIELD_BYTES`; parts the request
+does not know are skipped unread. An image part is an image whether or not it has a filename (``curl -F image=<f``
+sends none), since images are checked from their bytes anyway. Text fields are decoded by their charset (UTF-8 when
+none is named) and coerced with the same rules as JSON. Files may come as ``image``, repeated ``image`` or
+``image[]`` (what the SDKs send for a list, even of one). Every temporary file is closed on every path out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, TypeVar
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, TypeVar
 
 import msgspec
 from litestar import Request
-from litestar.datastructures import UploadFile
+from litestar.exceptions import InternalServerException
+from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser
 
 from app.api.errors import invalid_value
 from app.config import Settings
-from app.errors import InvalidRequest, PayloadTooLarge
+from app.errors import Cancelled, InvalidRequest, PayloadTooLarge
 from app.protocol.images import ImageEditJsonRequest, ImageEditRequest, ImageVariationRequest
-from app.services.inputs import InputImage, checked, from_ref
+from app.services.inputs import InputImage, checked, from_ref, new_spool
 
 S = TypeVar("S", bound=msgspec.Struct)
 
-_FILE_FIELDS = ("image", "image[]", "mask", "mask[]")
+MAX_PARTS = 200
+"""Parts one multipart body may have: every field once, ``max_images`` images and room for repeated lists."""
+MAX_FIELD_BYTES = 256 * 1024
+"""Largest text field: a 32,000-character prompt is at most 128 KB of UTF-8."""
+
+_IMAGE_FIELDS = ("image", "image[]")
+_MASK_FIELDS = ("mask", "mask[]")
+_LIST_FIELDS = ("fallbacks",)
 
 
 @dataclass
@@ -32,9 +45,6 @@ class Upload:
     mask: InputImage | None = None
 
 
-_LIST_FIELDS = ("fallbacks",)
-
-
 def _convert(data: Any, cls: type[S]) -> S:
     try:
         return msgspec.convert(data, cls, strict=False)
@@ -42,47 +52,142 @@ def _convert(data: Any, cls: type[S]) -> S:
         raise invalid_value(str(e), None) from None
 
 
-def _files(form: Any, names: tuple[str, ...], param: str) -> list[UploadFile]:
-    found = [v for name in names for v in form.getall(name, [])]
-    for v in found:
-        if not isinstance(v, UploadFile):
-            raise InvalidRequest(f"'{param}' must be a file upload, not a text field.", param=param)
-    return found
+@dataclass
+class _Part:
+    """The part being received: its field name and where its bytes go."""
+
+    name: str
+    filename: str | None = None
+    charset: str | None = None
+    file: BinaryIO | None = None
+    text: bytearray | None = None
+    size: int = 0
 
 
-async def _inspect_all(files: list[Any], settings: Settings, param: str) -> list[InputImage]:
-    out: list[InputImage] = []
+@dataclass
+class _Form:
+    """The parts of a multipart body that the request reads, as they arrive."""
+
+    files: dict[str, tuple[str, ...]]
+    """Parameter name -> the part names that carry its files."""
+    text_fields: frozenset[str]
+    settings: Settings
+    uploads: dict[str, list[BinaryIO]] = field(default_factory=dict)
+    text: dict[str, list[str]] = field(default_factory=dict)
+    parts: int = 0
+
+    def param_of(self, name: str) -> str | None:
+        return next((param for param, names in self.files.items() if name in names), None)
+
+    def start(self, segment: MultipartSegment) -> _Part | None:
+        """Where the part that ``segment`` heads goes; None for a part the request does not read."""
+        name = segment.name or ""
+        if self.param_of(name) is not None:
+            return _Part(name, filename=segment.filename, file=new_spool())
+        if name.removesuffix("[]") in self.text_fields:
+            return _Part(name, charset=segment.charset, text=bytearray())
+        return None
+
+    def write(self, part: _Part, data: bytes) -> None:
+        part.size += len(data)
+        if part.file is not None:
+            param = self.param_of(part.name)
+            if part.size > self.settings.max_image_bytes:
+                part.file.close()
+                raise InvalidRequest(
+                    f"The {param} is over {self.settings.max_image_bytes} bytes, the limit.",
+                    param=param,
+                    code="image_too_large",
+                )
+            part.file.write(data)
+        elif part.text is not None:
+            if part.size > MAX_FIELD_BYTES:
+                raise InvalidRequest(f"The '{part.name}' field is over {MAX_FIELD_BYTES} bytes.", param=part.name)
+            part.text += data
+
+    def finish(self, part: _Part) -> None:
+        if part.file is not None:
+            if not part.size and not part.filename:  # a browser form's empty file input: nothing was chosen
+                part.file.close()
+                return
+            part.file.seek(0)
+            self.uploads.setdefault(self.param_of(part.name) or part.name, []).append(part.file)
+        elif part.text:
+            self.text.setdefault(part.name.removesuffix("[]"), []).append(_decode(part))
+
+    def close(self) -> None:
+        for files in self.uploads.values():
+            for f in files:
+                with contextlib.suppress(Exception):
+                    f.close()
+
+
+def _decode(part: _Part) -> str:
+    charset = part.charset or "utf-8"
     try:
-        for f in files:
-            out.append(await checked(f, settings, param))
-    except BaseException:
-        for i in out:
-            i.close()
+        return bytes(part.text or b"").decode(charset)
+    except LookupError:  # no such codec, or not a text encoding (hex, rot13, ...)
+        raise InvalidRequest(
+            f"The '{part.name}' field's charset {charset!r} is not a text encoding; send UTF-8.", param=part.name
+        ) from None
+    except (UnicodeError, ValueError):
+        raise InvalidRequest(f"The '{part.name}' field is not valid {charset} text.", param=part.name) from None
+
+
+async def _read_form(request: Request, form: _Form) -> None:
+    """Stream the body into ``form``; on any failure close what it holds and raise an API error."""
+    boundary = request.content_type[1].get("boundary")
+    if not boundary:
+        raise InvalidRequest("A multipart/form-data body needs a boundary in its Content-Type header.")
+    part: _Part | None = None
+    try:
+        with PushMultipartParser(boundary.encode(), max_segment_count=MAX_PARTS) as parser:
+            async for chunk in request.stream():
+                for event in parser.parse(chunk):
+                    if isinstance(event, MultipartSegment):
+                        part = form.start(event)
+                    elif event:
+                        if part is not None:
+                            form.write(part, event)
+                    elif part is not None:
+                        form.finish(part)
+                        part = None
+    except BaseException as e:
+        if part is not None and part.file is not None:
+            part.file.close()
+        form.close()
+        if isinstance(e, ParserLimitReached):
+            raise InvalidRequest(f"A multipart body may have at most {MAX_PARTS} parts of short headers.") from None
+        if isinstance(e, ParserError):
+            raise InvalidRequest(f"The multipart/form-data body is malformed: {e}") from None
+        if isinstance(e, InternalServerException):  # Litestar's word for a client gone mid-body
+            raise Cancelled("The client went away before the body ended.") from None
         raise
-    return out
 
 
 async def _multipart(request: Request, settings: Settings, cls: type[S], *, with_mask: bool = True) -> Upload:
-    form = await request.form()
-    images = _files(form, ("image", "image[]"), "image")
-    masks = _files(form, ("mask", "mask[]"), "mask") if with_mask else []
-    if len(images) > settings.max_images:
-        raise InvalidRequest(f"At most {settings.max_images} images may be sent.", param="image")
-    if len(masks) > 1:
-        raise InvalidRequest("Send at most one mask.", param="mask")
-    scalars = {k: form.get(k) for k in form if k not in _FILE_FIELDS and isinstance(form.get(k), str)}
-    values: dict[str, Any] = {k: v for k, v in scalars.items() if v != "" and k.removesuffix("[]") not in _LIST_FIELDS}
-    for name in _LIST_FIELDS:  # repeated parts (`fallbacks` or `fallbacks[]`) make a list
-        items = [v for key in (name, f"{name}[]") for v in form.getall(key, []) if isinstance(v, str) and v]
-        if items:
-            values[name] = items
-    fields = _convert(values, cls)
-    checked_images = await _inspect_all([u.file for u in images], settings, "image")
+    files = {"image": _IMAGE_FIELDS, **({"mask": _MASK_FIELDS} if with_mask else {})}
+    form = _Form(files, frozenset(f.name for f in msgspec.structs.fields(cls)), settings)
+    await _read_form(request, form)
     try:
-        mask = (await _inspect_all([masks[0].file], settings, "mask"))[0] if masks else None
+        images, masks = form.uploads.get("image", []), form.uploads.get("mask", [])
+        if len(images) > settings.max_images:
+            raise InvalidRequest(f"At most {settings.max_images} images may be sent.", param="image")
+        if len(masks) > 1:
+            raise InvalidRequest("Send at most one mask.", param="mask")
+        values: dict[str, Any] = {}
+        for name, items in form.text.items():
+            if name in _LIST_FIELDS:  # repeated parts (`fallbacks` or `fallbacks[]`) make a list
+                values[name] = items
+            elif len(items) > 1:
+                raise InvalidRequest(f"The '{name}' field was sent {len(items)} times; send it once.", param=name)
+            else:
+                values[name] = items[0]
+        fields = _convert(values, cls)
+        checked_images = [await checked(f, settings, "image") for f in images]
+        mask = await checked(masks[0], settings, "mask") if masks else None
     except BaseException:
-        for i in checked_images:
-            i.close()
+        form.close()  # the checked images' files too: they are the same files
         raise
     return Upload(fields, checked_images, mask)
 

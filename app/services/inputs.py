@@ -144,8 +144,13 @@ def _check_riff(file: BinaryIO, size: int) -> None:
         raise ValueError("truncated or malformed WebP container")
 
 
+def new_spool() -> BinaryIO:
+    """A temporary file for an input: in memory up to :data:`SPOOL_BYTES`, then on disk (unnamed)."""
+    return tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # type: ignore[return-value]
+
+
 def spool(data: bytes) -> BinaryIO:
-    f = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - owned by the InputImage
+    f = new_spool()
     f.write(data)
     f.seek(0)
     return f  # type: ignore[return-value]
@@ -171,7 +176,7 @@ async def fetch(url: str, settings: Settings, param: str) -> BinaryIO:
         raise InvalidRequest(
             f"Fetching images from '{host}' is not allowed; send the image as a data: URL or a file.", param=param
         )
-    out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned to the caller
+    out = new_spool()
     limit = settings.max_image_bytes
     try:
         timeout = aiohttp.ClientTimeout(total=settings.image_url_timeout)

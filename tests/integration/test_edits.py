@@ -11,7 +11,6 @@ import random
 import struct
 import threading
 import time
-import types
 import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
+import app.api.uploads as uploads
 import app.services.inputs as inputs
 from app.config import DEMO_MODEL, demo_model
 from app.services.images import ImageService
@@ -207,7 +207,17 @@ def test_scalars_arrive_as_strings_and_are_coerced(client, fake):
 
 
 @pytest.mark.parametrize(
-    ("fields", "param"), [({"n": "two"}, "n"), ({"n": "11"}, "n"), ({"stream": "maybe"}, "stream")]
+    ("fields", "param"),
+    [
+        ({"n": "two"}, "n"),
+        ({"n": "11"}, "n"),
+        ({"stream": "maybe"}, "stream"),
+        ({"guidance_scale": "inf"}, "guidance_scale"),
+        ({"guidance_scale": "NaN"}, "guidance_scale"),
+        ({"guidance_scale": "1e999"}, "guidance_scale"),
+        ({"num_inference_steps": "1" + "0" * 30}, "num_inference_steps"),
+        ({"strength": "nan"}, "strength"),
+    ],
 )
 def test_bad_scalars_name_their_field(client, fake, fields, param):
     assert error(post_edit(client, **fields))["param"] == param
@@ -577,18 +587,19 @@ def test_body_over_max_upload_size_is_413(tmp_path, fake):
 def tracked(monkeypatch) -> list[Any]:
     """Every file the gateway inspects or spools for an input image (uploads, data: URLs, downloads)."""
     files: list[Any] = []
-    real_inspect, real_spooled = inputs.inspect, inputs.tempfile.SpooledTemporaryFile
+    real_inspect, real_spool = inputs.inspect, inputs.new_spool
 
     def inspect(file, settings, param):
         files.append(file)
         return real_inspect(file, settings, param)
 
-    def spooled(*args, **kwargs):
-        files.append(real_spooled(*args, **kwargs))
+    def new_spool():
+        files.append(real_spool())
         return files[-1]
 
     monkeypatch.setattr(inputs, "inspect", inspect)
-    monkeypatch.setattr(inputs, "tempfile", types.SimpleNamespace(SpooledTemporaryFile=spooled))
+    monkeypatch.setattr(inputs, "new_spool", new_spool)
+    monkeypatch.setattr(uploads, "new_spool", new_spool)
     return files
 
 
@@ -650,3 +661,101 @@ def test_no_deleted_temp_file_stays_open(client, fake):
     assert client.post(EDITS, json={"images": [{"image_url": data_url(big)}], "prompt": "p"}).status_code == 200
     assert deleted_fds() <= before
     assert fake.last_attachments == [big]
+
+
+# -- the multipart parser ---------------------------------------------------------------------------------------
+
+BOUNDARY = "imagegate-test-boundary"
+
+
+def part(name: str, data: bytes, *, filename: str | None = None, content_type: str | None = None) -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+    head = f"Content-Disposition: {disposition}\r\n" + (f"Content-Type: {content_type}\r\n" if content_type else "")
+    return f"--{BOUNDARY}\r\n{head}\r\n".encode() + data + b"\r\n"
+
+
+def post_raw(client, *parts: bytes, path: str = EDITS, end: bool = True, boundary: str | None = BOUNDARY):
+    body = b"".join(parts) + (f"--{BOUNDARY}--\r\n".encode() if end else b"")
+    content_type = "multipart/form-data" + (f"; boundary={boundary}" if boundary else "")
+    return client.post(path, content=body, headers={"content-type": content_type})
+
+
+def test_an_image_part_without_a_filename_is_the_image(client, fake, tracked):
+    # What `curl -F image=<in.png` sends (and requests' files={"image": (None, data)}): no filename at all.
+    r = post_raw(client, part("image", IMG), part("mask", MASK), part("prompt", b"a cat"))
+    assert r.status_code == 200, r.text
+    assert fake.last_params.task == "inpaint" and fake.last_attachments == [IMG, MASK]
+    r = post_raw(client, part("image", IMG), path=VARIATIONS)
+    assert r.status_code == 200, r.text
+    assert fake.last_attachments == [IMG]
+    _all_closed(tracked, 3)
+
+
+def test_an_empty_file_input_is_no_file(client, fake):
+    # A browser form whose mask input has no file chosen sends an empty part with an empty filename.
+    empty_mask = part("mask", b"", filename="", content_type="application/octet-stream")
+    r = post_raw(client, part("image", IMG, filename="in.png"), empty_mask, part("prompt", b"p"))
+    assert r.status_code == 200, r.text
+    assert fake.last_params.task == "img2img" and fake.last_attachments == [IMG]
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "latin-1", "utf-16", "shift_jis"])
+def test_text_fields_are_read_in_their_charset(client, fake, charset):
+    prompt = "café au lait" if charset != "shift_jis" else "猫の絵"
+    field = part("prompt", prompt.encode(charset), content_type=f"text/plain; charset={charset}")
+    r = post_raw(client, part("image", IMG, filename="a.png"), field)
+    assert r.status_code == 200, r.text
+    assert fake.last_params.prompt == prompt
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        (part("prompt", b"caf\xe9"), "not valid utf-8 text"),
+        (part("prompt", b"abc", content_type="text/plain; charset=x-no-such-charset"), "not a text encoding"),
+        (part("prompt", b"616263", content_type="text/plain; charset=hex"), "not a text encoding"),
+        (part("prompt", b"\xd8\x00", content_type="text/plain; charset=utf-16-be"), "not valid utf-16-be text"),
+        (part("prompt", b"x" * (uploads.MAX_FIELD_BYTES + 1)), "is over"),
+        (part("n", b"1") + part("n", b"2"), "sent 2 times"),
+    ],
+    ids=["not-utf8", "unknown-charset", "binary-codec", "lone-surrogate", "overlong", "duplicated"],
+)
+def test_unreadable_text_fields_name_themselves(client, fake, tracked, field, message):
+    body = error(post_raw(client, part("image", IMG, filename="a.png"), part("prompt", b"p") + field))
+    assert body["param"] in ("prompt", "n") and message in body["message"], body
+    assert fake.started == 0
+    _all_closed(tracked, 1)
+
+
+def test_parts_the_request_does_not_read_are_skipped(client, fake):
+    huge = part("notes", random.Random(2).randbytes(2 * uploads.MAX_FIELD_BYTES), filename="notes.bin")
+    r = post_raw(client, huge, part("image", IMG, filename="a.png"), part("prompt", b"p"), part("x", b"\xff"))
+    assert r.status_code == 200, r.text
+    assert fake.last_attachments == [IMG]
+
+
+def test_an_image_part_over_the_limit_is_refused_before_the_body_ends(tmp_path, fake):
+    big = noise(64, 64)
+    tail = part("image", random.Random(3).randbytes(len(big)), filename="more.png")  # never read
+    with make_client(tmp_path, [(fake, [DEMO_MODEL])], max_image_bytes=len(big) - 1) as tc:
+        body = error(post_raw(tc, part("image", big + b"trailing", filename="a.png"), tail))
+        assert body["code"] == "image_too_large" and body["param"] == "image"
+    assert fake.started == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "parts", "message"),
+    [
+        ({"boundary": None}, [part("image", IMG)], "boundary"),
+        ({"end": False}, [part("image", IMG, filename="a.png")], "malformed"),
+        ({}, [b"--" + BOUNDARY.encode() + b"\r\nContent-Disposition: form-data\r\n"], "malformed"),
+        ({}, [part("prompt", b"p")] * (uploads.MAX_PARTS + 1), "at most"),
+        ({}, [part("prompt", b"p", content_type="text/plain; x=" + "y" * 5000)], "at most"),
+    ],
+    ids=["no-boundary", "unterminated", "cut-in-headers", "too-many-parts", "overlong-header"],
+)
+def test_malformed_bodies_are_400s(client, fake, tracked, kwargs, parts, message):
+    body = error(post_raw(client, part("image", IMG, filename="a.png"), *parts, **kwargs))
+    assert message in body["message"], body
+    assert fake.started == 0
+    _all_closed(tracked, 0 if "boundary" in kwargs else 1)  # without a boundary nothing is read
