@@ -8,7 +8,8 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 QuotaPeriod = Literal["hour", "day", "month"]
-Limit = Annotated[int, Meta(ge=0)]
+MAX_LIMIT = 1_000_000_000
+Limit = Annotated[int, Meta(ge=0, le=MAX_LIMIT)]
 
 
 class KeyCreate(msgspec.Struct, kw_only=True):

@@ -15,6 +15,10 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 Background = Literal["transparent", "opaque", "auto"]
 
 MAX_SEED = 2**63 - 1
+MAX_STEPS = 1000
+"""Most denoising steps any request may name (a model's own ``max_steps`` is usually far lower)."""
+MAX_GUIDANCE = 1000.0
+"""Largest guidance_scale any request may name; also keeps non-finite numbers out."""
 
 
 class Fallback(msgspec.Struct, kw_only=True):
@@ -45,8 +49,8 @@ class _ImageOptions(msgspec.Struct, kw_only=True):
     # Diffusion extensions (the SDKs send them through extra_body).
     negative_prompt: str | None = None
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
-    num_inference_steps: Annotated[int, Meta(ge=1)] | None = None
-    guidance_scale: Annotated[float, Meta(ge=0)] | None = None
+    num_inference_steps: Annotated[int, Meta(ge=1, le=MAX_STEPS)] | None = None
+    guidance_scale: Annotated[float, Meta(ge=0, le=MAX_GUIDANCE)] | None = None
     scheduler: str | None = None
 
 

@@ -23,9 +23,11 @@ def _iso(ts: float | None) -> str | None:
 
 def _expiry(value: str | None) -> float | None:
     try:
-        return parse_time(value)
-    except ValueError:
+        moment = parse_time(value)
+        _iso(moment)  # shown in UTC later: must stay within datetime's years 1-9999 there too
+    except (ValueError, OverflowError, OSError):
         raise InvalidRequest(f"expires_at {value!r} is not an ISO 8601 time.", param="expires_at") from None
+    return moment
 
 
 class KeyService:

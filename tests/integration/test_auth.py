@@ -551,6 +551,12 @@ def test_admin_api_end_to_end(tmp_path):
         ({"alias": "a", "rpm": -1}, "rpm"),
         ({"alias": "a", "quota_period": "week"}, "quota_period"),
         ({"alias": "a", "expires_at": "next tuesday"}, "expires_at"),
+        # Past what SQLite stores (a 500 once) or what a UTC time can show (a 500 on every later read).
+        ({"alias": "a", "max_concurrent": 28860548635229671095533568}, "max_concurrent"),
+        ({"alias": "a", "image_quota": 2**63}, "image_quota"),
+        ({"alias": "a", "rpm": 1_000_000_001}, "rpm"),
+        ({"alias": "a", "expires_at": "9999-12-31T23:59:59-23:59"}, "expires_at"),
+        ({"alias": "a", "expires_at": "0001-01-01T00:00:00+23:59"}, "expires_at"),
     ],
 )
 def test_admin_create_validates(tmp_path, body, param):
@@ -558,6 +564,10 @@ def test_admin_create_validates(tmp_path, body, param):
         r = tc.post(KEYS, json=body, headers=ADMIN)
         assert r.status_code == 400, r.text
         assert error(r)["param"] == param
+        key = create_key(tc)
+        r = tc.patch(f"{KEYS}/{key['id']}", json={k: v for k, v in body.items() if k != "alias"}, headers=ADMIN)
+        assert r.status_code == 400 or param == "alias", r.text
+        assert tc.get(KEYS, headers=ADMIN).status_code == 200
 
 
 def test_admin_api_refuses_non_admins(tmp_path):
