@@ -85,13 +85,16 @@ def test_outpainting_grows_the_canvas(sdk):
     assert decode(result.data[0].b64_json).size == (256, 128)
 
 
-@pytest.mark.parametrize("field", ["image", "image[]"])
-def test_curl_multipart(server, tmp_path, field):
+@pytest.mark.parametrize(
+    ("field", "attach"),
+    [("image", "@"), ("image[]", "@"), ("image", "<")],  # `<`: the file's bytes as a field, with no filename
+)
+def test_curl_multipart(server, tmp_path, field, attach):
     (tmp_path / "fox.png").write_bytes(png())
     done = subprocess.run(
         ["curl", "-sS", "--fail-with-body", f"{server.url}/v1/images/edits",
          "-F", f"model={MODEL}", "-F", "prompt=x", "-F", "n=1", "-F", "size=64x64", "-F", "stream=false",
-         "-F", f"{field}=@{tmp_path / 'fox.png'}"],
+         "-F", f"{field}={attach}{tmp_path / 'fox.png'}"],
         capture_output=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
