@@ -15,6 +15,7 @@ Every failure a client can see is an :class:`ApiError`. It renders as OpenAI's e
     ├── RateLimited        429 rate_limit_error        the key's requests per minute or concurrency (Retry-After)
     ├── QuotaExceeded      429 insufficient_quota      the key's image quota is spent (x-should-retry: false)
     ├── Unavailable        503 server_error            no worker is ready for the model (Retry-After)
+    ├── GenerationFailed   500 server_error            the model produced no usable image (NaN values)
     ├── BackendFailed      502 server_error            a worker failed or vanished mid-request
     ├── OutOfMemory        503 server_error            the device ran out of memory for this request
     └── DeadlineExceeded   504 server_error            the request outlived request_timeout
@@ -125,6 +126,11 @@ class Unavailable(ApiError):
     default_code = "model_unavailable"
 
 
+class GenerationFailed(ApiError):
+    status = 500
+    default_code = "generation_failed"
+
+
 class BackendFailed(ApiError):
     status = 502
     default_code = "worker_failed"
@@ -175,4 +181,6 @@ def from_worker(failed: Failed) -> ApiError:
         return OutOfMemory(failed.message)
     if failed.kind == "cancelled":
         return Cancelled(failed.message)
+    if failed.kind == "generation_failed":
+        return GenerationFailed(failed.message)
     return BackendFailed(f"the worker failed: {failed.message}")

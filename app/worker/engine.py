@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image as PILImage
 
@@ -55,6 +56,21 @@ EMPTY_NEGATIVE_PROMPT_PIPELINES = frozenset({"StableDiffusionPipeline", "StableD
 
 
 CANCELLED = Failed("the client went away", "cancelled")
+
+
+class NonFiniteOutput(Exception):
+    """The pipeline produced NaN or infinite values (a scheduler or dtype the model cannot run): no image to send."""
+
+
+def to_pictures(output: np.ndarray) -> list[PILImage.Image]:
+    """A pipeline's ``np`` output (images in [0, 1], NHWC) as pictures, as its ``pil`` output would be.
+
+    Raises:
+        NonFiniteOutput: some value is NaN or infinite; as a picture it would be black or noise, with no error.
+    """
+    if not np.isfinite(output).all():
+        raise NonFiniteOutput("the pipeline produced NaN values (try another scheduler, or float32 / bfloat16)")
+    return [PILImage.fromarray(a) for a in (output * 255).round().astype(np.uint8)]
 
 
 class JobCancelled(Exception):
@@ -170,7 +186,7 @@ class Engine:
             job.events.put_nowait(Failed(f"model {params.model!r} cannot run {params.task}", "invalid_request"))
         elif params.task != "text2img" and image is None:
             job.events.put_nowait(Failed(f"{params.task} needs an input image", "invalid_request"))
-        elif params.negative_prompt and "negative_prompt" not in loaded.call_params:
+        elif params.negative_prompt and "negative_prompt" not in loaded.accepts[params.task]:
             job.events.put_nowait(Failed(f"model {params.model!r} does not take a negative_prompt", "invalid_request"))
         else:
             job.key = batch_key(params, loaded)
@@ -250,13 +266,12 @@ class Engine:
             live = [run for run in runs if not run.outcome]
             if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if isinstance(e, torch.OutOfMemoryError | ValueError):
-                if len(live) > 1:
-                    log.info("a batch of %d failed (%s); running its jobs one at a time", len(live), type(e).__name__)
-                    for run in live:
-                        self._attempt(loaded, [run], t0)
-                    return
-            else:
+            if len(live) > 1:  # find the job at fault: the others must not fail with it
+                log.info("a batch of %d failed (%s); running its jobs one at a time", len(live), type(e).__name__)
+                for run in live:
+                    self._attempt(loaded, [run], t0)
+                return
+            if not isinstance(e, torch.OutOfMemoryError | images.InvalidInput | NonFiniteOutput):
                 log.exception("job(s) %s failed", ", ".join(run.job.params.request_id for run in live))
             for run in live:
                 self._end(run, "failed", functools.partial(self._failure, e, run.job.params))
@@ -270,11 +285,14 @@ class Engine:
             start += n
 
     def _failure(self, error: Exception, p: GenerationParams) -> list[WorkerEvent]:
-        if isinstance(error, ValueError):
+        if isinstance(error, images.InvalidInput):
             return [Failed(str(error), "invalid_request")]
         if isinstance(error, torch.OutOfMemoryError):
             return [Failed(f"out of memory on {self.device} for {p.width}x{p.height} x{p.n}", "out_of_memory")]
-        return [Failed(f"{type(error).__name__}: {error}", "internal")]
+        if isinstance(error, NonFiniteOutput):
+            return [Failed(f"model {p.model!r}: {error}", "generation_failed")]
+        # Anything else is the server's: its configuration, or a pipeline that cannot run what it was given.
+        return [Failed(f"model {p.model!r} failed: {type(error).__name__}: {error}", "internal")]
 
     @staticmethod
     def _finals(run: _Run, pictures: list, t0: float) -> list[WorkerEvent]:
@@ -346,7 +364,7 @@ class Engine:
         """The pipeline arguments for the output size and an edit's images and masks (one per output image)."""
         p = runs[0].job.params
         if p.task == "text2img":
-            return {"height": p.height, "width": p.width}
+            return {}
         pictures, masks = [], []
         for run in runs:
             picture, mask = cls._edit_input(run.job)
@@ -354,7 +372,19 @@ class Engine:
             masks += [mask] * run.job.params.n
         if p.task == "img2img":
             return {"image": pictures, "strength": p.strength}
-        return {"image": pictures, "mask_image": masks, "height": p.height, "width": p.width, "strength": p.strength}
+        return {"image": pictures, "mask_image": masks, "strength": p.strength}
+
+    @staticmethod
+    def _sizing(accepted: frozenset[str], p: GenerationParams) -> dict:
+        """The output size and no resolution binning, for pipelines that take them.
+
+        SD's image-to-image pipelines take no size: they draw at their input's, which is already the output size. A
+        pipeline that snaps sizes to its own table (resolution binning) would not draw the size asked for.
+        """
+        sizing = {"height": p.height, "width": p.width} if "height" in accepted else {}
+        if "use_resolution_binning" in accepted:
+            sizing["use_resolution_binning"] = False
+        return sizing
 
     def _denoise(self, loaded: LoadedModel, runs: list[_Run]) -> list:
         """One pipeline call for ``runs`` (which share a batch key); returns their images in order, ``n`` each."""
@@ -384,10 +414,15 @@ class Engine:
             # A run is owed the partial images whose steps have passed (a rerun skips those it has sent already).
             owed = {run: sum(m <= step for m in marks[run]) for run in live}
             due = [run for run in live if owed[run] > run.partials_sent]
-            if due:
+            if due and not loaded.previews_failed:
                 x0 = tracker.latest if tracker.latest is not None else kwargs["latents"]
-                pictures = loaded.previewer(x0[[row for run in due for row in rows[run]]], p.width, p.height)
-                for run in due:
+                try:
+                    pictures = loaded.previewer(x0[[row for run in due for row in rows[run]]], p.width, p.height)
+                except Exception:  # a preview is a courtesy: it never fails the request
+                    loaded.previews_failed = True
+                    log.exception("model %s: partial images cannot be decoded; sending none from now on", p.model)
+                    pictures = []
+                for run in due if pictures else []:
                     n = run.job.params.n
                     self._send_partials(run, pictures[:n], owed[run])
                     pictures = pictures[n:]
@@ -398,6 +433,7 @@ class Engine:
         tracker.wanted = any(1 in preview_steps(expected, run.job.params.partial_images) for run in runs)
         kwargs = {
             **self._inputs(runs),
+            **self._sizing(loaded.accepts[p.task], p),
             "prompt": [run.job.params.prompt for run in runs for _ in rows[run]],
             "num_inference_steps": p.steps,
             "guidance_scale": p.guidance,
@@ -410,11 +446,11 @@ class Engine:
             ],
             "callback_on_step_end": on_step,
             "callback_on_step_end_tensor_inputs": ["latents"],
-            "output_type": "pil",
+            "output_type": "np",
         }
         if any(run.job.params.negative_prompt for run in runs):
             kwargs["negative_prompt"] = [run.job.params.negative_prompt or "" for run in runs for _ in rows[run]]
-        return pipe(**kwargs).images
+        return to_pictures(pipe(**kwargs).images)
 
     def _send_partials(self, run: _Run, pictures: list, upto: int) -> None:
         """Send ``run`` its partial images numbered from ``partials_sent`` to ``upto`` (all showing ``pictures``)."""

@@ -11,17 +11,21 @@ import io
 from PIL import Image, ImageOps
 
 
+class InvalidInput(ValueError):
+    """A job's own input is unusable: the job fails as an invalid request (every other error is the server's)."""
+
+
 def load(data: bytes) -> Image.Image:
     """Decode an input image, turned upright by its EXIF orientation.
 
     Raises:
-        ValueError: the bytes do not decode (the job then fails as an invalid request).
+        InvalidInput: the bytes do not decode.
     """
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"an input image could not be decoded: {e}") from None
+        raise InvalidInput(f"an input image could not be decoded: {e}") from None
     return ImageOps.exif_transpose(image) or image
 
 

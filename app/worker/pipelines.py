@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -27,6 +28,12 @@ log = logging.getLogger("imagegate.worker")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+@functools.cache
+def call_params(pipeline_class: type) -> frozenset[str]:
+    """The arguments a pipeline class's ``__call__`` takes."""
+    return frozenset(inspect.signature(pipeline_class.__call__).parameters)
+
+
 class ModelLoadError(Exception):
     """A configured model cannot be served; the message says why."""
 
@@ -36,12 +43,15 @@ class LoadedModel:
     config: ModelConfig
     pipe: Any
     previewer: Previewer
-    call_params: frozenset[str]
+    accepts: dict[str, frozenset[str]]
+    """Task -> the arguments its pipeline's ``__call__`` takes (background removal runs no pipeline)."""
     schedulers: dict[str, Any] = field(default_factory=dict)
     """Scheduler name -> (class, extra config), checked to work with this pipeline."""
     tasks: frozenset[str] = frozenset({"text2img"})
     segmenter: Any = None
     """A transformers image-segmentation pipeline, for background_removal."""
+    previews_failed: bool = False
+    """Decoding a partial image failed once: the model sends none from then on (logged once)."""
 
     def pipeline_for(self, task: str, scheduler: Any) -> Any:
         """A view of the pipeline for ``task`` that shares the weights and has its own scheduler and state."""
@@ -216,19 +226,21 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
         raise ModelLoadError(f"model {model.name!r}: cannot load {source!r}: {type(e).__name__}: {e}") from e
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    call_params = frozenset(inspect.signature(pipe.__call__).parameters)
-    if not {"callback_on_step_end", "num_inference_steps", "generator"} <= call_params:
+    accepted = call_params(type(pipe))
+    if not {"callback_on_step_end", "num_inference_steps", "generator"} <= accepted:
         raise ModelLoadError(f"model {model.name!r}: {type(pipe).__name__} is not a supported text-to-image pipeline")
     tasks = {"text2img"}
+    accepts = {"text2img": accepted}
     for task, cls in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
         try:
-            cls.from_pipe(pipe)
+            accepts[task] = call_params(type(cls.from_pipe(pipe)))
         except Exception as e:  # no edit pipeline for this architecture
             log.info("model %s: no %s pipeline (%s)", model.name, task, e)
             continue
         tasks.add(task)
         if task == "inpaint":
             tasks.add("outpaint")
+            accepts["outpaint"] = accepts[task]
     segmenter = None
     if model.segmentation_model:
         from transformers import pipeline as transformers_pipeline
@@ -244,7 +256,7 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
         config=model,
         pipe=pipe,
         previewer=Previewer.for_pipeline(pipe, model.preview, model.preview_downscale, model.taesd_path),
-        call_params=call_params,
+        accepts=accepts,
         schedulers=_check_schedulers(model, pipe),
         tasks=frozenset(tasks),
         segmenter=segmenter,

@@ -173,7 +173,7 @@ class Failed(msgspec.Struct, tag="failed"):
     """The job failed; ``kind`` is one of the gateway's error kinds (see ``app.errors.from_worker``)."""
 
     message: str
-    kind: Literal["invalid_request", "cancelled", "out_of_memory", "internal"] = "internal"
+    kind: Literal["invalid_request", "cancelled", "out_of_memory", "generation_failed", "internal"] = "internal"
     param: str | None = None
 
 

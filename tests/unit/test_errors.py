@@ -50,6 +50,12 @@ def test_from_worker_cancelled():
     assert error.code == "cancelled"
 
 
+def test_from_worker_generation_failed():
+    error = from_worker(Failed(message="model 'm': the pipeline produced NaN values", kind="generation_failed"))
+    assert (error.status, error.type, error.code) == (500, "server_error", "generation_failed")
+    assert "NaN" in error.message
+
+
 def test_from_worker_internal_is_backend_failed():
     error = from_worker(Failed(message="segfault"))
     assert type(error) is BackendFailed
