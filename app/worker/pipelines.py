@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -179,21 +180,29 @@ def build_demo_pipeline(seed: int = 0) -> DiffusionPipeline:
     )
 
 
-def create_demo_model(path: str | Path) -> Path:
-    """Write the demo pipeline to ``path`` with ``save_pretrained`` (atomically: complete or absent)."""
+def save_pipeline(build: Callable[[], DiffusionPipeline], path: str | Path) -> Path:
+    """Write ``build()`` to ``path`` with ``save_pretrained``, atomically: complete or absent.
+
+    If another process creates ``path`` first, theirs is kept.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        build_demo_pipeline().save_pretrained(tmp)
+        build().save_pretrained(tmp)
         try:
             tmp.rename(path)
         except OSError:
-            if not (path / "model_index.json").is_file():  # not another worker that won the race
+            if not (path / "model_index.json").is_file():  # not another process that won the race
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def create_demo_model(path: str | Path) -> Path:
+    """Write the demo pipeline to ``path`` (atomically: complete or absent)."""
+    return save_pipeline(build_demo_pipeline, path)
 
 
 def _check_schedulers(model: ModelConfig, pipe: Any) -> dict[str, Any]:
