@@ -22,7 +22,6 @@ from app.worker.protocol import SCHEDULERS, parse_size
 ENV_PREFIX = "IMAGEGATE_"
 _DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?")
 DEMO_MODEL = "imagegate-demo"
-DEFAULT_SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "lms", "heun", "unipc", "ddpm")
 
 
 class ConfigError(Exception):
@@ -53,9 +52,13 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     min_side: Annotated[int, _doc("Smallest accepted width or height, in pixels.")] = 64
     max_side: Annotated[int, _doc("Largest accepted width or height, in pixels.")] = 1024
     size_multiple: Annotated[int, _doc("Width and height must be multiples of this.")] = 8
-    default_steps: Annotated[int, _doc("Denoising steps when the request names none.")] = 30
+    default_steps: Annotated[
+        int | None, _doc("Denoising steps when the request names none. Omitted: the model family's (else 30).")
+    ] = None
     max_steps: Annotated[int, _doc("Most denoising steps a request may ask for.")] = 100
-    default_guidance: Annotated[float, _doc("Classifier-free guidance scale when the request names none.")] = 7.5
+    default_guidance: Annotated[
+        float | None, _doc("Guidance scale when the request names none. Omitted: the model family's (else 7.5).")
+    ] = None
     max_guidance: Annotated[float, _doc("Largest accepted guidance_scale.")] = 30.0
     max_n: Annotated[int, _doc("Most images one request may ask for (OpenAI allows 1-10).")] = 10
     quality_steps: Annotated[
@@ -63,8 +66,12 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         _doc("`quality` -> fraction of default_steps, used when num_inference_steps is not given."),
     ] = msgspec.field(default_factory=lambda: {"low": 0.5, "medium": 0.75, "high": 1.0})
     schedulers: Annotated[
-        list[str], _doc("Scheduler names requests may choose; checked against the pipeline when the worker starts.")
-    ] = msgspec.field(default_factory=lambda: list(DEFAULT_SCHEDULERS))
+        list[str] | None,
+        _doc(
+            "Scheduler names requests may choose, each run once when the worker starts (a name that fails there "
+            "stops the start). Omitted: the model family's samplers that work with the model."
+        ),
+    ] = None
     default_scheduler: Annotated[str, _doc("Scheduler used when the request names none; empty: the pipeline's.")] = ""
     preview: Annotated[
         Literal["auto", "vae", "linear", "taesd"],
@@ -415,14 +422,14 @@ def validate(settings: Settings) -> None:
             or (h % m.size_multiple)
         ):
             raise ConfigError(f"{where}: default_size {m.default_size} is outside {m.size_limits_text()}")
-        if not 1 <= m.default_steps <= m.max_steps:
+        if m.default_steps is not None and not 1 <= m.default_steps <= m.max_steps:
             raise ConfigError(f"{where}: need 1 <= default_steps <= max_steps")
         if not 1 <= m.max_n <= 10:
             raise ConfigError(f"{where}: max_n must be 1-10")
-        unknown = [s for s in [*m.schedulers, m.default_scheduler] if s and s not in SCHEDULERS]
+        unknown = [s for s in [*(m.schedulers or []), m.default_scheduler] if s and s not in SCHEDULERS]
         if unknown:
             raise ConfigError(f"{where}: unknown scheduler(s) {unknown}; known: {', '.join(sorted(SCHEDULERS))}")
-        if m.default_scheduler and m.default_scheduler not in m.schedulers:
+        if m.schedulers is not None and m.default_scheduler and m.default_scheduler not in m.schedulers:
             m.schedulers = [*m.schedulers, m.default_scheduler]
         if m.preview == "taesd" and not m.taesd_path:
             raise ConfigError(f"{where}: preview = taesd needs taesd_path")

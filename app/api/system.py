@@ -9,6 +9,7 @@ from litestar.response import File
 from app.errors import NotFound
 from app.pool import Pool
 from app.protocol.images import Model, ModelList
+from app.services.images import ImageService
 from app.store.files import MEDIA_TYPES, ROUTE, ImageFiles
 
 
@@ -60,15 +61,12 @@ class SystemController(Controller):
         return Response(body, status_code=200 if pool.is_ready() else 503)
 
     @get("/v1/models", operation_id="listModels")
-    async def list_models(self, request: Request, pool: Pool, started_at: int) -> ModelList:
-        usable = [name for name in pool.models if request.user.allows(name)]
-        return ModelList(data=[Model(id=name, created=started_at) for name in usable])
+    async def list_models(self, request: Request, images: ImageService, started_at: int) -> ModelList:
+        return images.models(request.user, started_at)
 
     @get("/v1/models/{model_id:str}", operation_id="retrieveModel")
-    async def retrieve_model(self, request: Request, model_id: str, pool: Pool, started_at: int) -> Model:
-        if model_id not in pool.models or not request.user.allows(model_id):
-            raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
-        return Model(id=model_id, created=started_at)
+    async def retrieve_model(self, request: Request, model_id: str, images: ImageService, started_at: int) -> Model:
+        return images.model(model_id, request.user, started_at)
 
     @get("/openapi.yaml", operation_id="openapi", media_type="application/yaml")
     async def openapi(self, contract: bytes) -> bytes:

@@ -16,6 +16,7 @@ from app.backends.base import Backend
 from app.config import ModelConfig
 from app.errors import BackendFailed, Overloaded, Unavailable
 from app.pool.policies import PowerOfTwoLeastWork, RoutingPolicy
+from app.worker.protocol import HealthInfo, ModelDetails
 
 log = logging.getLogger("imagegate.pool")
 
@@ -55,13 +56,16 @@ class Member:
     detail: str = ""
     tasks: dict[str, frozenset[str]] = field(default_factory=dict)
     """Model -> tasks the backend reported it can run; a model missing here is assumed to support every task."""
+    details: dict[str, ModelDetails] = field(default_factory=dict)
+    """Model -> the family, schedulers and defaults the backend reported (workers do; upstreams do not)."""
     failures: deque[float] = field(default_factory=deque)
     """When its recent failures happened (the pool's clock)."""
     cooling_until: float = 0.0
 
-    def learn_tasks(self, tasks: dict[str, list[str]]) -> None:
-        """Record what the backend said it can run (its health report's ``tasks``)."""
-        self.tasks = {model: frozenset(names) for model, names in tasks.items()}
+    def learn(self, info: HealthInfo) -> None:
+        """Record what the backend said about its models when it became ready (its health report)."""
+        self.tasks = {model: frozenset(names) for model, names in info.tasks.items()}
+        self.details = dict(info.details)
 
     def can(self, model: str, task: str) -> bool:
         known = self.tasks.get(model)
@@ -237,7 +241,7 @@ class Pool:
             return State.DOWN, f"does not serve {', '.join(missing)}"
         if info.status != "ready":
             return (State.STARTING if info.status == "loading" else State.DOWN), info.error or info.status
-        member.learn_tasks(info.tasks)
+        member.learn(info)
         return State.READY, ""
 
     async def probe_back(self) -> None:
@@ -267,6 +271,14 @@ class Pool:
             for m in self.members
             if m.state is State.READY and model in m.models and (task is None or m.can(model, task))
         ]
+
+    def details(self, model: str) -> ModelDetails | None:
+        """What a backend of ``model`` reported about it (all load the same checkpoint); None before one has."""
+        return next((m.details[model] for m in self.members if model in m.details), None)
+
+    def tasks(self, model: str) -> frozenset[str] | None:
+        """The tasks a backend of ``model`` reported it can run; None before one has."""
+        return next((m.tasks[model] for m in self.members if model in m.tasks), None)
 
     def supports(self, model: str, task: str) -> bool | None:
         """Whether a ready backend can run ``task`` for ``model``; None when none is ready to ask."""

@@ -142,7 +142,7 @@ class Supervisor:
                 except BackendFailed:
                     info = None
                 if info is not None and info.status == "ready":
-                    w.member.learn_tasks(info.tasks)
+                    w.member.learn(info)
                     self.pool.set_state(w.member, State.READY)
                     log.info("worker %s ready", w.member.name)
                     return

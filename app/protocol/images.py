@@ -168,11 +168,18 @@ class ImageGenCompletedEvent(msgspec.Struct, kw_only=True):
 StreamEvent = ImageGenPartialImageEvent | ImageGenCompletedEvent
 
 
-class Model(msgspec.Struct):
+class Model(msgspec.Struct, kw_only=True):
+    """OpenAI's model, with what imagegate knows of it once a backend has said (extensions, else left out)."""
+
     id: str
     created: int
     object: str = "model"
     owned_by: str = "imagegate"
+    family: str | UnsetType = UNSET
+    tasks: list[str] | UnsetType = UNSET
+    schedulers: list[str] | UnsetType = UNSET
+    default_steps: int | UnsetType = UNSET
+    default_guidance: float | UnsetType = UNSET
 
 
 class ModelList(msgspec.Struct):

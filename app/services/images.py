@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 import msgspec
+from msgspec import UNSET
 
 from app import metrics
 from app.auth.guard import Guard, Ticket
@@ -39,11 +40,14 @@ from app.protocol.images import (
     ImagesUsage,
     ImageVariationRequest,
     InputTokensDetails,
+    Model,
+    ModelList,
     StreamEvent,
 )
 from app.services.inputs import InputImage
 from app.store.files import ImageFiles
 from app.worker.protocol import (
+    SCHEDULERS,
     GenerationParams,
     Image,
     Partial,
@@ -57,6 +61,9 @@ from app.worker.protocol import (
 log = logging.getLogger("imagegate.images")
 
 SEED_RANGE = 2**32
+FALLBACK_STEPS = 30
+"""Steps of a model with no ``default_steps`` setting and no family default."""
+FALLBACK_GUIDANCE = 7.5
 _rng = random.Random()  # seeds and request ids need no secrecy, and a system call per request shows up in profiles
 
 
@@ -141,6 +148,33 @@ class ImageService:
             for outcome in ("success", "error", "cancelled", "rejected"):
                 metrics.IMAGES.labels(name, outcome)
 
+    # -- models -------------------------------------------------------------------------------------------------
+
+    def models(self, principal: Principal, created: int) -> ModelList:
+        return ModelList(data=[self.describe(name, created) for name in self._models if principal.allows(name)])
+
+    def model(self, name: str, principal: Principal, created: int) -> Model:
+        if name not in self._models or not principal.allows(name):
+            raise NotFound(f"The model '{name}' does not exist.", param="model", code="model_not_found")
+        return self.describe(name, created)
+
+    def describe(self, name: str, created: int) -> Model:
+        """A served model with its family, tasks, schedulers and defaults, as far as its backends have said."""
+        model = self._models[name]
+        details = self.pool.details(name)
+        tasks = self.pool.tasks(name)
+        schedulers = self._schedulers(model)
+        known = details is not None
+        return Model(
+            id=name,
+            created=created,
+            family=details.family if details else UNSET,
+            tasks=sorted(tasks) if tasks is not None else UNSET,
+            schedulers=schedulers if schedulers is not None else UNSET,
+            default_steps=self._default_steps(model) if known or model.default_steps else UNSET,
+            default_guidance=self._guidance(model, None) if known or model.default_guidance is not None else UNSET,
+        )
+
     # -- validation ---------------------------------------------------------------------------------------------
 
     def _model(self, name: str | None) -> ModelConfig:
@@ -187,8 +221,13 @@ class ImageService:
 
         return snap(width * scale), snap(height * scale)
 
-    @staticmethod
-    def _steps(model: ModelConfig, quality: str | None, steps: int | None) -> tuple[str, int]:
+    def _default_steps(self, model: ModelConfig) -> int:
+        """The model's ``default_steps``, else its family's (as its workers reported), else 30; within max_steps."""
+        details = self.pool.details(model.name)
+        steps = model.default_steps or (details.default_steps if details else None) or FALLBACK_STEPS
+        return min(steps, model.max_steps)
+
+    def _steps(self, model: ModelConfig, quality: str | None, steps: int | None) -> tuple[str, int]:
         resolved = {"low": "low", "medium": "medium"}.get(quality or "", "high")
         if steps is not None:
             if steps > model.max_steps:
@@ -197,25 +236,35 @@ class ImageService:
                     param="num_inference_steps",
                 )
             return resolved, steps
-        return resolved, max(1, round(model.default_steps * model.quality_steps.get(resolved, 1.0)))
+        return resolved, max(1, round(self._default_steps(model) * model.quality_steps.get(resolved, 1.0)))
 
-    @staticmethod
-    def _guidance(model: ModelConfig, guidance: float | None) -> float:
-        value = model.default_guidance if guidance is None else guidance
-        if value > model.max_guidance:
+    def _guidance(self, model: ModelConfig, guidance: float | None) -> float:
+        if guidance is None:
+            details = self.pool.details(model.name)
+            family = details.default_guidance if details else None
+            guidance = next(g for g in (model.default_guidance, family, FALLBACK_GUIDANCE) if g is not None)
+            return min(guidance, model.max_guidance)
+        if guidance > model.max_guidance:
             raise InvalidRequest(f"guidance_scale must be at most {model.max_guidance}.", param="guidance_scale")
-        return value
+        return guidance
 
-    @staticmethod
-    def _scheduler(model: ModelConfig, scheduler: str | None) -> str | None:
+    def _schedulers(self, model: ModelConfig) -> list[str] | None:
+        """The scheduler names the model takes: configured, else those its workers reported; None before they have."""
+        if model.schedulers is not None:
+            return model.schedulers
+        details = self.pool.details(model.name)
+        return details.schedulers if details else None
+
+    def _scheduler(self, model: ModelConfig, scheduler: str | None) -> str | None:
         scheduler = scheduler or model.default_scheduler or None
         if scheduler is None:
             return None
         name = canonical_scheduler(scheduler)
-        if name is None or name not in model.schedulers:
+        valid = self._schedulers(model)
+        if name is None or (valid is not None and name not in valid):
+            listed = ", ".join(valid if valid is not None else SCHEDULERS)
             raise InvalidRequest(
-                f"Unknown scheduler '{scheduler}' for '{model.name}'. Available: {', '.join(model.schedulers)}.",
-                param="scheduler",
+                f"Scheduler '{scheduler}' does not apply to '{model.name}'. Available: {listed}.", param="scheduler"
             )
         return name
 
@@ -390,8 +439,8 @@ class ImageService:
             prompt="",
             width=width,
             height=height,
-            steps=model.default_steps,
-            guidance=model.default_guidance,
+            steps=self._default_steps(model),
+            guidance=self._guidance(model, None),
             seed=_random_seed() if req.seed is None else req.seed,
             n=req.n,
             scheduler=self._scheduler(model, None),
@@ -450,7 +499,7 @@ class ImageService:
         if p.n > model.max_n or p.steps > model.max_steps:
             raise InvalidRequest(f"'{name}' takes at most {model.max_n} images and {model.max_steps} steps.")
         self._guidance(model, p.guidance)
-        scheduler = p.scheduler if p.scheduler in model.schedulers else (model.default_scheduler or None)
+        scheduler = p.scheduler if p.scheduler in (self._schedulers(model) or []) else (model.default_scheduler or None)
         return msgspec.structs.replace(p, model=name, scheduler=scheduler)
 
     async def generate(

@@ -41,6 +41,7 @@ from app.worker.protocol import (
     GenerationParams,
     HealthInfo,
     Image,
+    ModelDetails,
     Partial,
     Progress,
     Started,
@@ -49,10 +50,6 @@ from app.worker.protocol import (
 )
 
 log = logging.getLogger("imagegate.worker")
-
-# Pipelines that encode a missing negative prompt as "", so jobs with and without one can share a call. Others
-# cannot: SDXL zeroes the embedding of a missing one, Flux runs true CFG only when one is given.
-EMPTY_NEGATIVE_PROMPT_PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusion3Pipeline"})
 
 
 CANCELLED = Failed("the client went away", "cancelled")
@@ -103,7 +100,7 @@ def batch_key(params: GenerationParams, loaded: LoadedModel) -> tuple | None:
     if p.task == "background_removal":
         return None
     key = (p.model, p.task, p.width, p.height, p.steps, p.guidance, p.scheduler, p.strength)
-    if type(loaded.pipe).__name__ not in EMPTY_NEGATIVE_PROMPT_PIPELINES:
+    if not (loaded.family.empty_negative_prompt or loaded.family.true_cfg):
         key += (bool(p.negative_prompt),)
     return key
 
@@ -153,15 +150,7 @@ class Engine:
     def _load(self) -> None:
         for config in self.configs:
             loaded = load_model(config, self.device)
-            self.models[config.name] = loaded
-            self._warm_up(loaded)
-
-    def _warm_up(self, loaded: LoadedModel) -> None:
-        side = max(loaded.config.min_side, 64)
-        side += -side % loaded.config.size_multiple
-        loaded.pipe(
-            prompt="warm-up", height=side, width=side, num_inference_steps=1, output_type="latent", guidance_scale=1.0
-        )
+            self.models[config.name] = loaded  # warmed up by its start-up check
 
     def health(self) -> HealthInfo:
         return HealthInfo(
@@ -175,6 +164,15 @@ class Engine:
             failed=self.failed,
             error=self.error,
             tasks={name: sorted(loaded.tasks) for name, loaded in self.models.items()},
+            details={
+                name: ModelDetails(
+                    family=loaded.family.name,
+                    schedulers=list(loaded.schedulers),
+                    default_steps=loaded.family.steps,
+                    default_guidance=loaded.family.guidance,
+                )
+                for name, loaded in self.models.items()
+            },
         )
 
     def submit(self, params: GenerationParams, image: bytes | None = None, mask: bytes | None = None) -> Job:
@@ -186,6 +184,10 @@ class Engine:
             job.events.put_nowait(Failed(f"model {params.model!r} cannot run {params.task}", "invalid_request"))
         elif params.task != "text2img" and image is None:
             job.events.put_nowait(Failed(f"{params.task} needs an input image", "invalid_request"))
+        elif params.scheduler and params.scheduler not in loaded.schedulers:
+            valid = ", ".join(loaded.schedulers) or "none (it runs its own)"
+            message = f"scheduler {params.scheduler!r} does not apply to model {params.model!r}; valid: {valid}"
+            job.events.put_nowait(Failed(message, "invalid_request", param="scheduler"))
         elif params.negative_prompt and "negative_prompt" not in loaded.accepts[params.task]:
             job.events.put_nowait(Failed(f"model {params.model!r} does not take a negative_prompt", "invalid_request"))
         else:
@@ -444,11 +446,16 @@ class Engine:
                 for run in runs
                 for i in range(run.job.params.n)
             ],
-            "callback_on_step_end": on_step,
-            "callback_on_step_end_tensor_inputs": ["latents"],
             "output_type": "np",
         }
-        if any(run.job.params.negative_prompt for run in runs):
+        accepts = loaded.accepts[p.task]
+        if "callback_on_step_end" in accepts:
+            kwargs.update(callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
+        else:  # the legacy form (PixArt): called after each step with the latents
+            kwargs.update(callback=lambda i, t, latents: on_step(pipe, i, t, {"latents": latents}), callback_steps=1)
+        if loaded.family.true_cfg:  # guidance applies only with a negative prompt: always send one
+            kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
+        if loaded.family.true_cfg or any(run.job.params.negative_prompt for run in runs):
             kwargs["negative_prompt"] = [run.job.params.negative_prompt or "" for run in runs for _ in rows[run]]
         return to_pictures(pipe(**kwargs).images)
 

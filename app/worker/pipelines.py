@@ -18,8 +18,9 @@ import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
 
 from app.config import ModelConfig
+from app.worker.families import Family, family_of
 from app.worker.previews import Previewer
-from app.worker.protocol import SCHEDULERS
+from app.worker.protocol import FLOW_SCHEDULERS, SCHEDULERS
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -44,6 +45,7 @@ class LoadedModel:
     config: ModelConfig
     pipe: Any
     previewer: Previewer
+    family: Family
     accepts: dict[str, frozenset[str]]
     """Task -> the arguments its pipeline's ``__call__`` takes (background removal runs no pipeline)."""
     schedulers: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +74,8 @@ class LoadedModel:
         if name is None:
             return type(base).from_config(base.config)
         cls, extra = self.schedulers[name]
+        if extra.get("use_flow_sigmas") and "flow_shift" not in base.config:  # a FlowMatch config names it shift
+            extra = {**extra, "flow_shift": base.config.get("shift", 1.0)}
         return cls.from_config(base.config, **extra)
 
     def count_tokens(self, prompt: str) -> int:
@@ -205,21 +209,64 @@ def create_demo_model(path: str | Path) -> Path:
     return save_pipeline(build_demo_pipeline, path)
 
 
-def _check_schedulers(model: ModelConfig, pipe: Any) -> dict[str, Any]:
-    ok: dict[str, Any] = {}
-    problems = []
-    for name in model.schedulers:
-        cls_name, extra = SCHEDULERS[name]
+def check_schedulers(loaded: LoadedModel) -> None:
+    """Run every scheduler the model offers once, as requests run them: two steps at the smallest size.
+
+    Configured names must all work (a start-up error names those that do not, and why); of the family's own list,
+    those that fail with this checkpoint are left out and logged. The pipeline's own scheduler runs first and is
+    required: it is what requests that name none get. This is also the model's warm-up.
+    """
+    model, family = loaded.config, loaded.family
+    required = [*(model.schedulers or []), *([model.default_scheduler] if model.default_scheduler else [])]
+    names = list(dict.fromkeys([*(family.schedulers if model.schedulers is None else []), *required]))
+    misfits = [n for n in required if (n in FLOW_SCHEDULERS) != family.flow]
+    if misfits:
+        kind = "a flow-matching" if family.flow else "an ε/v-prediction"
+        raise ModelLoadError(
+            f"model {model.name!r} ({family.name}) is {kind} model: scheduler(s) {', '.join(misfits)} do not apply. "
+            f"Use some of {', '.join(family.schedulers)}, or leave `schedulers` out for all of those that work."
+        )
+    loaded.schedulers = {}
+    problems: dict[str, str] = {}
+    for name in [None, *names]:
         try:
-            cls = getattr(diffusers, cls_name)
-            cls.from_config(pipe.scheduler.config, **extra).set_timesteps(4)
-        except Exception as e:  # missing optional dependency, incompatible config, ...
-            problems.append(f"{name} ({cls_name}): {type(e).__name__}: {e}")
-            continue
-        ok[name] = (cls, extra)
+            if name is not None:
+                cls_name, extra = SCHEDULERS[name]
+                loaded.schedulers[name] = (getattr(diffusers, cls_name), extra)
+            _trial_run(loaded, name)
+        except Exception as e:  # a scheduler this pipeline cannot run, NaN, a missing optional dependency, ...
+            if name is None:
+                raise ModelLoadError(f"model {model.name!r}: a trial run failed: {type(e).__name__}: {e}") from e
+            del loaded.schedulers[name]
+            problems[name] = f"{name}: {type(e).__name__}: {e}"
+    if failed := [problems[n] for n in required if n in problems]:
+        raise ModelLoadError(
+            f"model {model.name!r}: scheduler(s) that do not run with {type(loaded.pipe).__name__}: "
+            + "; ".join(failed)
+            + f". Remove them from its settings, or leave `schedulers` out for all of {family.name}'s that work."
+        )
     if problems:
-        raise ModelLoadError(f"model {model.name!r}: unusable scheduler(s): " + "; ".join(problems))
-    return ok
+        log.info("model %s: leaving out scheduler(s) it cannot run: %s", model.name, "; ".join(problems.values()))
+
+
+def _trial_run(loaded: LoadedModel, name: str | None) -> None:
+    config = loaded.config
+    side = max(config.min_side, 64)
+    side += -side % config.size_multiple
+    pipe = loaded.pipeline_for("text2img", loaded.make_scheduler(name))
+    accepts = loaded.accepts["text2img"]
+    extra = {"use_resolution_binning": False} if "use_resolution_binning" in accepts else {}
+    latents = pipe(
+        prompt="start-up check",
+        height=side,
+        width=side,
+        num_inference_steps=2,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="latent",
+        **extra,
+    ).images
+    if isinstance(latents, torch.Tensor) and not torch.isfinite(latents).all():
+        raise ValueError("it produced NaN values")
 
 
 def load_model(model: ModelConfig, device: str) -> LoadedModel:
@@ -236,15 +283,22 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     accepted = call_params(type(pipe))
-    if not {"callback_on_step_end", "num_inference_steps", "generator"} <= accepted:
+    steps_seen = "callback_on_step_end" in accepted or {"callback", "callback_steps"} <= accepted  # (PixArt: legacy)
+    if not ({"num_inference_steps", "generator"} <= accepted and steps_seen):
         raise ModelLoadError(f"model {model.name!r}: {type(pipe).__name__} is not a supported text-to-image pipeline")
     tasks = {"text2img"}
     accepts = {"text2img": accepted}
-    for task, cls in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
+    for task, cls, needs in (
+        ("img2img", AutoPipelineForImage2Image, {"image", "strength"}),
+        ("inpaint", AutoPipelineForInpainting, {"image", "mask_image", "strength"}),
+    ):
         try:
             accepts[task] = call_params(type(cls.from_pipe(pipe)))
         except Exception as e:  # no edit pipeline for this architecture
             log.info("model %s: no %s pipeline (%s)", model.name, task, e)
+            continue
+        if not needs <= accepts[task]:  # e.g. a pipeline that takes reference images, not an image to redraw
+            log.info("model %s: its %s pipeline takes no %s", model.name, task, ", ".join(needs - accepts.pop(task)))
             continue
         tasks.add(task)
         if task == "inpaint":
@@ -265,12 +319,22 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
         config=model,
         pipe=pipe,
         previewer=Previewer.for_pipeline(pipe, model.preview, model.preview_downscale, model.taesd_path),
+        family=family_of(pipe),
         accepts=accepts,
-        schedulers=_check_schedulers(model, pipe),
         tasks=frozenset(tasks),
         segmenter=segmenter,
     )
-    log.info("loaded %s (%s, %s) on %s: %s", model.name, type(pipe).__name__, model.dtype, device, sorted(tasks))
+    check_schedulers(loaded)
+    log.info(
+        "loaded %s (%s, family %s, %s) on %s: tasks %s, schedulers %s",
+        model.name,
+        type(pipe).__name__,
+        loaded.family.name,
+        model.dtype,
+        device,
+        sorted(tasks),
+        list(loaded.schedulers),
+    )
     return loaded
 
 

@@ -33,7 +33,7 @@ TASKS: tuple[str, ...] = ("text2img", "img2img", "inpaint", "outpaint", "backgro
 SCHEDULERS: dict[str, tuple[str, dict[str, object]]] = {
     "ddim": ("DDIMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as SD ships it: PRK steps break short schedules
     "lms": ("LMSDiscreteScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
@@ -46,7 +46,28 @@ SCHEDULERS: dict[str, tuple[str, dict[str, object]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "deis": ("DEISMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
+    # Flow matching (velocity models); the UniPC and DPM-Solver++ variants take the model's shift as flow_shift.
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "flow_unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    "flow_dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
 }
+
+DIFFUSION_SCHEDULERS = (
+    "ddim",
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "pndm",
+    "lms",
+    "heun",
+    "unipc",
+    "ddpm",
+)
+"""The samplers offered for ε- and v-prediction models (SD 1.x/2.x, SDXL, PixArt, HunyuanDiT) by default."""
+FLOW_SCHEDULERS = ("flow_euler", "flow_heun", "flow_unipc", "flow_dpmpp_2m")
+"""The samplers offered for flow-matching (velocity) models (SD3, FLUX, Qwen-Image, Sana, ...) by default."""
 
 # Diffusers class names are accepted too (several serving APIs use them); the first short name wins.
 SCHEDULER_ALIASES: dict[str, str] = {}
@@ -203,6 +224,17 @@ def decode_event(payload: bytes) -> WorkerEvent:
     return _event_decoder.decode(payload)
 
 
+class ModelDetails(msgspec.Struct, kw_only=True):
+    """What a worker found out about a model when it loaded it."""
+
+    family: str
+    schedulers: list[str]
+    """Scheduler names that ran with it at start-up."""
+    default_steps: int | None = None
+    """The family's steps for requests that name none (None: no family default)."""
+    default_guidance: float | None = None
+
+
 class HealthInfo(msgspec.Struct, kw_only=True):
     """``GET /health`` of a worker."""
 
@@ -217,3 +249,5 @@ class HealthInfo(msgspec.Struct, kw_only=True):
     error: str | None = None
     tasks: dict[str, list[str]] = msgspec.field(default_factory=dict)
     """Model -> the tasks this worker can run for it."""
+    details: dict[str, ModelDetails] = msgspec.field(default_factory=dict)
+    """Model -> its family, schedulers and defaults (workers only; upstreams do not say)."""

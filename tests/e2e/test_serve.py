@@ -17,7 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
-from app.config import DEFAULT_SCHEDULERS
+from app.worker.protocol import DIFFUSION_SCHEDULERS
 
 from .conftest import Server, alive
 
@@ -78,7 +78,7 @@ def test_stream_partials_show_progress(sdk):
     assert errors[-1] < 0.1 * ((final - final.mean()) ** 2).mean()
 
 
-@pytest.mark.parametrize("scheduler", DEFAULT_SCHEDULERS)
+@pytest.mark.parametrize("scheduler", DIFFUSION_SCHEDULERS)
 def test_same_seed_same_image(sdk, scheduler):
     def run(seed, n=1):
         extra = {"seed": seed, "num_inference_steps": 4, "scheduler": scheduler}

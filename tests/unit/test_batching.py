@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from app.config import DEFAULT_SCHEDULERS, demo_model
+from app.config import demo_model
+from app.worker.protocol import DIFFUSION_SCHEDULERS
 from app.worker.engine import Engine, Job
 from app.worker.pipelines import create_demo_model, quiet_libraries
 from app.worker.protocol import Done, Failed, GenerationParams, Image, Partial, Progress, Started, WorkerEvent
@@ -123,7 +124,7 @@ async def test_compatible_jobs_form_one_batch_with_the_images_they_make_alone(en
     assert (engine.health().completed, engine.health().failed, engine.health().running) == (8, 0, 0)
 
 
-@pytest.mark.parametrize("scheduler", DEFAULT_SCHEDULERS)
+@pytest.mark.parametrize("scheduler", DIFFUSION_SCHEDULERS)
 async def test_a_seed_fixes_the_image_with_every_scheduler_alone_and_in_a_batch(engine, scheduler):
     # Stochastic schedulers (euler_a, ddpm) draw noise at every step: it must come from the job's own generators.
     p = params(5, scheduler=scheduler, partial_images=1)

@@ -9,7 +9,6 @@ import msgspec
 import pytest
 
 from app.config import (
-    DEFAULT_SCHEDULERS,
     DEMO_MODEL,
     ConfigError,
     ModelConfig,
@@ -19,7 +18,7 @@ from app.config import (
     load_settings,
     scalar_fields,
 )
-from app.worker.protocol import SCHEDULERS
+from app.worker.protocol import DIFFUSION_SCHEDULERS, FLOW_SCHEDULERS, SCHEDULERS
 
 
 def _write_toml(tmp_path: Path, text: str) -> Path:
@@ -106,7 +105,7 @@ def test_toml_models_table_array(tmp_path):
         '[[models]]\nname = "sd"\npath = "/m/sd"\ndefault_steps = 25\n\n[[models]]\nname = "xl"\npath = "/m/xl"\n',
     )
     settings = _load(tmp_path, config_file=config)
-    assert [(m.name, m.default_steps) for m in settings.models] == [("sd", 25), ("xl", 30)]
+    assert [(m.name, m.default_steps) for m in settings.models] == [("sd", 25), ("xl", None)]  # None: the family's
 
 
 def test_json_config_file(tmp_path):
@@ -137,10 +136,9 @@ def test_data_dir_is_made_absolute(tmp_path, monkeypatch):
     assert Path(settings.data_dir) == (tmp_path / "rel" / "data").resolve()
 
 
-def test_default_model_config_is_valid_and_uses_known_schedulers():
-    model = ModelConfig(name="x", path="/p")
-    assert model.schedulers == list(DEFAULT_SCHEDULERS)
-    assert all(s in SCHEDULERS for s in DEFAULT_SCHEDULERS)
+def test_default_model_config_leaves_schedulers_to_the_family_and_families_use_known_names():
+    assert ModelConfig(name="x", path="/p").schedulers is None
+    assert all(s in SCHEDULERS for s in (*DIFFUSION_SCHEDULERS, *FLOW_SCHEDULERS))
 
 
 # -- validation -------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from app.pool import Member, Pool, State
 from app.protocol.images import ImageGenCompletedEvent, ImageGenerateRequest, ImageGenPartialImageEvent
 from app.services.images import SEED_RANGE, ImageService, image_tokens
 from app.store.files import ImageFiles
+from app.worker.protocol import DIFFUSION_SCHEDULERS, ModelDetails
 
 NOW = 1_750_000_000.0
 
@@ -159,13 +160,32 @@ def test_scheduler_class_names_are_accepted(rig, alias, canonical):
     assert rig.service.prepare(_req(scheduler=alias)).params.scheduler == canonical
 
 
-# lcm is a known scheduler but not one configured for the demo model
-@pytest.mark.parametrize("scheduler", ["warp_drive", "UniPCScheduler", "lcm"])
-def test_unknown_or_unconfigured_scheduler(rig, scheduler):
+# lcm is a known scheduler but not one the demo model's workers offer; flow_euler is for flow-matching models
+@pytest.mark.parametrize("scheduler", ["warp_drive", "UniPCScheduler", "lcm", "flow_euler"])
+def test_unknown_or_inapplicable_scheduler(rig, scheduler):
+    rig.member.details = {rig.member_model: ModelDetails(family="sd", schedulers=list(DIFFUSION_SCHEDULERS))}
     with pytest.raises(InvalidRequest) as info:
         rig.service.prepare(_req(scheduler=scheduler))
     assert info.value.param == "scheduler"
-    assert "ddim" in info.value.message  # lists what is available
+    assert ", ".join(DIFFUSION_SCHEDULERS) in info.value.message  # lists what is available
+
+
+def test_schedulers_and_defaults_come_from_the_config_else_from_what_the_workers_report(tmp_path):
+    rig = _rig(tmp_path, models=[{"name": "m", "path": "/m"}])
+    assert rig.service.prepare(_req(scheduler="lcm")).params.scheduler == "lcm"  # no worker has said: the worker checks
+    assert (rig.service.prepare(_req()).params.steps, rig.service.prepare(_req()).params.guidance) == (30, 7.5)
+    details = ModelDetails(family="flux", schedulers=["flow_euler"], default_steps=28, default_guidance=3.5)
+    rig.member.details = {"m": details}
+    assert rig.service.prepare(_req(scheduler="flow_euler")).params.scheduler == "flow_euler"
+    with pytest.raises(InvalidRequest, match="Available: flow_euler"):
+        rig.service.prepare(_req(scheduler="euler"))
+    assert (rig.service.prepare(_req()).params.steps, rig.service.prepare(_req()).params.guidance) == (28, 3.5)
+    configured = {"name": "m", "path": "/m", "schedulers": ["flow_unipc"], "default_steps": 9, "default_guidance": 2.0}
+    rig = _rig(tmp_path / "c", models=[configured])
+    rig.member.details = {"m": details}
+    with pytest.raises(InvalidRequest, match="Available: flow_unipc"):
+        rig.service.prepare(_req(scheduler="flow_euler"))
+    assert (rig.service.prepare(_req()).params.steps, rig.service.prepare(_req()).params.guidance) == (9, 2.0)
 
 
 def test_transparent_background_is_rejected(rig):
