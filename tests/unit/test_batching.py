@@ -14,10 +14,19 @@ import torch
 from PIL import Image as PILImage
 
 from app.config import demo_model
-from app.worker.protocol import DIFFUSION_SCHEDULERS
 from app.worker.engine import Engine, Job
 from app.worker.pipelines import create_demo_model, quiet_libraries
-from app.worker.protocol import Done, Failed, GenerationParams, Image, Partial, Progress, Started, WorkerEvent
+from app.worker.protocol import (
+    DIFFUSION_SCHEDULERS,
+    Done,
+    Failed,
+    GenerationParams,
+    Image,
+    Partial,
+    Progress,
+    Started,
+    WorkerEvent,
+)
 
 MODEL = "imagegate-demo"
 SIDE = 64
