@@ -184,6 +184,8 @@ class Engine:
             job.events.put_nowait(Failed(f"model {params.model!r} cannot run {params.task}", "invalid_request"))
         elif params.task != "text2img" and image is None:
             job.events.put_nowait(Failed(f"{params.task} needs an input image", "invalid_request"))
+        elif params.task == "inpaint" and mask is None:
+            job.events.put_nowait(Failed("inpaint needs a mask", "invalid_request", param="mask"))
         elif params.scheduler and params.scheduler not in loaded.schedulers:
             valid = ", ".join(loaded.schedulers) or "none (it runs its own)"
             message = f"scheduler {params.scheduler!r} does not apply to model {params.model!r}; valid: {valid}"

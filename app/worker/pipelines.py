@@ -250,12 +250,22 @@ def check_schedulers(loaded: LoadedModel) -> None:
 
 
 def _trial_run(loaded: LoadedModel, name: str | None) -> None:
+    """Two steps at the smallest size with scheduler ``name`` (None: the pipeline's own), checked for NaN.
+
+    The pipeline's own run also decodes a partial image from the latents its step callback sees, as requests do;
+    when that fails the model sends no partial images, and says so now.
+    """
     config = loaded.config
     side = max(config.min_side, 64)
     side += -side % config.size_multiple
     pipe = loaded.pipeline_for("text2img", loaded.make_scheduler(name))
     accepts = loaded.accepts["text2img"]
-    extra = {"use_resolution_binning": False} if "use_resolution_binning" in accepts else {}
+    seen: list[Any] = []
+    extra: dict[str, Any] = {"use_resolution_binning": False} if "use_resolution_binning" in accepts else {}
+    if name is None and "callback_on_step_end" in accepts:
+        extra["callback_on_step_end"] = lambda pipe_, i, t, kwargs: seen.append(kwargs["latents"]) or kwargs
+    elif name is None:
+        extra.update(callback=lambda i, t, latents: seen.append(latents), callback_steps=1)
     latents = pipe(
         prompt="start-up check",
         height=side,
@@ -267,6 +277,17 @@ def _trial_run(loaded: LoadedModel, name: str | None) -> None:
     ).images
     if isinstance(latents, torch.Tensor) and not torch.isfinite(latents).all():
         raise ValueError("it produced NaN values")
+    if seen:
+        try:
+            loaded.previewer(seen[-1][:1], side, side)
+        except Exception as e:
+            loaded.previews_failed = True
+            log.warning(
+                "model %s: partial images cannot be decoded (%s: %s); streams of it carry none",
+                config.name,
+                type(e).__name__,
+                e,
+            )
 
 
 def load_model(model: ModelConfig, device: str) -> LoadedModel:

@@ -57,7 +57,8 @@ def predicted_x0(scheduler: Any, step_output: Any, model_output: Any, timestep: 
         if pred is not None:
             return pred
     config = scheduler.config
-    if "FlowMatch" in type(scheduler).__name__ and getattr(scheduler, "sigmas", None) is not None:
+    flow = "FlowMatch" in type(scheduler).__name__ or config.get("prediction_type") == "flow_prediction"
+    if flow and getattr(scheduler, "sigmas", None) is not None:  # velocity: x0 = x_t - sigma_t * v
         index = scheduler.step_index - 1 if scheduler.step_index is not None else 0  # step() already advanced it
         return sample - scheduler.sigmas[index].to(sample) * model_output
     alphas = getattr(scheduler, "alphas_cumprod", None)
@@ -136,18 +137,28 @@ class Previewer:
             if self.mode == "taesd":
                 decoded = self.taesd.decode(latents.to(self.taesd.dtype), return_dict=False)[0]
             else:
-                vae = self.pipe.vae
-                lat = latents
-                if self.downscale > 1 and min(lat.shape[-2:]) >= 2 * self.downscale:
-                    lat = F.avg_pool2d(lat, self.downscale)
-                lat = lat / vae.config.scaling_factor
-                if getattr(vae.config, "shift_factor", None):
-                    lat = lat + vae.config.shift_factor
-                decoded = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
+                decoded = self._vae_decode(latents)
             images = self.pipe.image_processor.postprocess(decoded, output_type="pil")
         return [
             im if im.size == (width, height) else im.resize((width, height), Image.Resampling.BILINEAR) for im in images
         ]
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode with the pipeline's VAE, undoing its latent normalisation; video VAEs (Qwen-Image) take 5-D."""
+        vae = self.pipe.vae
+        config = vae.config
+        frames = latents.ndim == 5  # (batch, channels, frames, height, width): one frame
+        lat = latents[:, :, 0] if frames else latents
+        if self.downscale > 1 and min(lat.shape[-2:]) >= 2 * self.downscale:
+            lat = F.avg_pool2d(lat, self.downscale)
+        mean, std = config.get("latents_mean"), config.get("latents_std")
+        if mean is not None and std is not None:  # normalised per channel (Wan / Qwen-Image VAEs)
+            shape = (1, -1, 1, 1)
+            lat = lat * torch.tensor(std).view(shape).to(lat) + torch.tensor(mean).view(shape).to(lat)
+        else:
+            lat = lat / config.get("scaling_factor", 1.0) + (config.get("shift_factor") or 0.0)
+        decoded = vae.decode((lat.unsqueeze(2) if frames else lat).to(vae.dtype), return_dict=False)[0]
+        return decoded[:, :, 0] if frames else decoded
 
 
 def _latent_space(pipe: Any) -> float | None:

@@ -1,6 +1,6 @@
 """The worker's engine on tiny pipelines of the families people serve (tests/families.py), each as it ships.
 
-A model configured with only a name and a path. Each family is built and saved once per session.
+Every model is configured with only a name and a path. Each family is built and saved once per session.
 """
 
 from __future__ import annotations
@@ -16,14 +16,37 @@ from PIL import Image as PILImage
 
 from app.config import ModelConfig
 from app.worker.engine import Engine
-from app.worker.pipelines import quiet_libraries
-from app.worker.protocol import Done, Failed, GenerationParams, Image, Partial, WorkerEvent
+from app.worker.pipelines import ModelLoadError, load_model, quiet_libraries
+from app.worker.protocol import (
+    DIFFUSION_SCHEDULERS,
+    FLOW_SCHEDULERS,
+    Done,
+    Failed,
+    GenerationParams,
+    Image,
+    Partial,
+    Progress,
+    WorkerEvent,
+)
 
-from ..families import save_family
+from ..families import FAMILIES, save_family
 
 SIDE = 64
-# Families that start with the default configuration today, and the edit tasks their pipelines have.
-STARTING = {"sdxl": {"img2img", "inpaint"}, "sd3": {"img2img", "inpaint"}, "hunyuandit": set(), "sana": set()}
+# Family name -> (its family in the worker, its edit tasks, whether its partial images decode).
+EXPECTED = {
+    "sdxl": ("sdxl", {"img2img", "inpaint", "outpaint"}, True),
+    "sd3": ("sd3", {"img2img", "inpaint", "outpaint"}, True),
+    "flux": ("flux", {"img2img", "inpaint", "outpaint"}, True),
+    "qwen_image": ("qwen_image", {"img2img", "inpaint", "outpaint"}, True),
+    "sana": ("sana", set(), True),
+    "pixart_sigma": ("pixart", set(), True),
+    "hunyuandit": ("hunyuandit", set(), True),
+    "lumina2": ("lumina2", set(), True),
+    "chroma": ("chroma", set(), True),
+    "z_image": ("z_image", {"img2img", "inpaint", "outpaint"}, True),
+    "flux2_klein": ("flux2", set(), False),  # reference images, not image-to-image; patchified BN-normalised latents
+}
+assert set(EXPECTED) == set(FAMILIES)
 
 
 @pytest.fixture(scope="session")
@@ -35,30 +58,44 @@ def family_dir(tmp_path_factory) -> Iterator[Path]:
     torch.set_num_threads(threads)
 
 
-async def engine_for(family_dir: Path, family: str, **config) -> Engine:
+def saved(family_dir: Path, family: str) -> Path:
     path = family_dir / family
     if not path.exists():
         save_family(family, path)
-    engine = Engine("cpu", [ModelConfig(name=family, path=str(path), **config)])
+    return path
+
+
+@pytest.fixture(params=list(EXPECTED))
+async def engine(request, family_dir) -> Iterator[Engine]:
+    family = request.param
+    engine = Engine("cpu", [ModelConfig(name=family, path=str(saved(family_dir, family)))])
     await engine.start()
-    return engine
+    yield engine
+    await engine.stop()
 
 
-async def run(engine: Engine, p: GenerationParams, image: bytes | None = None) -> list[WorkerEvent]:
-    job = engine.submit(p, image)
+async def run(
+    engine: Engine, p: GenerationParams, image: bytes | None = None, mask: bytes | None = None
+) -> list[WorkerEvent]:
+    job = engine.submit(p, image, mask)
     events: list[WorkerEvent] = []
     while not events or not isinstance(events[-1], Done | Failed):
         events.append(await asyncio.wait_for(job.events.get(), 120))
     return events
 
 
-def sizes(events: list[WorkerEvent]) -> list[tuple[int, int]]:
+def images(events: list[WorkerEvent]) -> list[bytes]:
     assert isinstance(events[-1], Done), events[-1]
-    return [PILImage.open(io.BytesIO(e.data)).size for e in events if isinstance(e, Image)]
+    return [e.data for e in events if isinstance(e, Image)]
 
 
-def params(family: str, **kw) -> GenerationParams:
-    base = {"model": family, "prompt": "a red fox", "width": SIDE, "height": SIDE, "steps": 2, "guidance": 4.0}
+def size(data: bytes) -> tuple[int, int]:
+    return PILImage.open(io.BytesIO(data)).size
+
+
+def params(engine: Engine, **kw) -> GenerationParams:
+    (model,) = engine.models
+    base = {"model": model, "prompt": "a red fox", "width": SIDE, "height": SIDE, "steps": 2, "guidance": 4.0}
     return GenerationParams(**{**base, "seed": 1, **kw})
 
 
@@ -68,28 +105,76 @@ def png() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("family", STARTING)
-async def test_every_task_returns_the_size_asked_for(family_dir, family):
-    engine = await engine_for(family_dir, family)
-    try:
-        assert set(engine.models[family].tasks) == {"text2img", *STARTING[family]} | (
-            {"outpaint"} if "inpaint" in STARTING[family] else set()
-        )
-        # HunyuanDiT once drew 1024x1024 for any size its resolution table lacks.
-        assert sizes(await run(engine, params(family, width=2 * SIDE))) == [(2 * SIDE, SIDE)]
-        if "img2img" in STARTING[family]:  # SD3 once ignored the size in image-to-image
-            p = params(family, task="img2img", strength=0.75, image_bytes=len(png()))
-            assert sizes(await run(engine, p, png())) == [(SIDE, SIDE)]
-    finally:
-        await engine.stop()
+async def test_a_name_and_a_path_are_enough_to_serve_it(engine):
+    (name,) = engine.models
+    loaded = engine.models[name]
+    family, edits, previews = EXPECTED[name]
+    details = engine.health().details[name]
+    assert details.family == loaded.family.name == family
+    assert set(engine.health().tasks[name]) == {"text2img", *edits}
+    offered = FLOW_SCHEDULERS if loaded.family.flow else DIFFUSION_SCHEDULERS
+    assert details.schedulers and set(details.schedulers) <= set(offered)
+    assert "flow_euler" in details.schedulers or not loaded.family.flow
+    assert loaded.previews_failed is not previews
 
 
-async def test_a_preview_that_cannot_be_decoded_does_not_fail_a_streamed_request(family_dir):
-    # Qwen-Image's video VAE takes 5-D latents: the preview decoder once crashed every streamed request.
-    engine = await engine_for(family_dir, "qwen_image", schedulers=[])
+async def test_every_offered_scheduler_fixes_the_image_by_its_seed(engine):
+    (name,) = engine.models
+    for scheduler in [None, *engine.models[name].schedulers]:
+        first = images(await run(engine, params(engine, scheduler=scheduler)))
+        assert [size(d) for d in first] == [(SIDE, SIDE)], scheduler
+        assert images(await run(engine, params(engine, scheduler=scheduler))) == first, scheduler  # euler_a, ddpm too
+        other = images(await run(engine, params(engine, scheduler=scheduler, seed=2)))
+        assert other != first, scheduler
+
+
+async def test_every_task_returns_the_size_asked_for_and_streams_never_fail(engine):
+    (name,) = engine.models
+    _, edits, previews = EXPECTED[name]
+    events = await run(engine, params(engine, width=2 * SIDE, partial_images=2, steps=4))
+    assert [size(d) for d in images(events)] == [(2 * SIDE, SIDE)]  # HunyuanDiT once drew 1024x1024 here
+    partials = [e for e in events if isinstance(e, Partial)]
+    assert len(partials) == (2 if previews else 0)  # Qwen-Image and FLUX.2 once failed every stream here
+    assert all(size(e.data) == (2 * SIDE, SIDE) for e in partials)
+    for task in sorted(edits & {"img2img", "inpaint"}):  # SD3, Flux and Qwen-Image once drew 1024x1024 here
+        mask = png() if task == "inpaint" else None
+        p = params(engine, task=task, strength=0.75, image_bytes=len(png()), mask_bytes=len(mask or b""))
+        assert [size(d) for d in images(await run(engine, p, png(), mask))] == [(SIDE, SIDE)], task
+
+
+async def test_a_scheduler_of_another_kind_is_refused_with_the_valid_names(engine):
+    (name,) = engine.models
+    loaded = engine.models[name]
+    misfit = "euler" if loaded.family.flow else "flow_euler"
+    [failed] = await run(engine, params(engine, scheduler=misfit))
+    assert failed.kind == "invalid_request" and failed.param == "scheduler"
+    assert ", ".join(loaded.schedulers) in failed.message
+
+
+def test_configured_schedulers_that_do_not_apply_stop_the_start_with_the_fix(family_dir):
+    path = str(saved(family_dir, "flux"))
+    with pytest.raises(ModelLoadError, match=r"flow-matching model: scheduler\(s\) euler do not apply.*flow_euler"):
+        load_model(ModelConfig(name="flux", path=path, schedulers=["flow_euler", "euler"]), "cpu")
+    with pytest.raises(ModelLoadError, match=r"do not run with FluxPipeline: flow_heun: .*leave `schedulers` out"):
+        load_model(ModelConfig(name="flux", path=path, schedulers=["flow_heun"]), "cpu")
+    assert list(load_model(ModelConfig(name="flux", path=path, schedulers=["flow_unipc"]), "cpu").schedulers) == [
+        "flow_unipc"
+    ]
+
+
+async def test_pixart_legacy_callback_reports_progress_and_stops_when_cancelled(family_dir):
+    engine = Engine("cpu", [ModelConfig(name="pixart", path=str(saved(family_dir, "pixart_sigma")))])
+    await engine.start()
     try:
-        events = await run(engine, params("qwen_image", partial_images=2))
-        assert sizes(events) == [(SIDE, SIDE)]
-        assert len([e for e in events if isinstance(e, Partial)]) in (0, 2)
+        job = engine.submit(params(engine, steps=40))
+        first = await asyncio.wait_for(job.events.get(), 60)
+        while not isinstance(first, Progress):
+            first = await asyncio.wait_for(job.events.get(), 60)
+        job.cancel()
+        events = [first]
+        while not isinstance(events[-1], Done | Failed):
+            events.append(await asyncio.wait_for(job.events.get(), 60))
+        assert events[-1] == Failed("the client went away", "cancelled")
+        assert max(e.step for e in events if isinstance(e, Progress)) < 40
     finally:
         await engine.stop()
