@@ -232,6 +232,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = 5.0
     worker_start_timeout: Annotated[float, _doc("Seconds a local worker may take to load its models.")] = 600.0
     worker_restart_max_backoff: Annotated[float, _doc("Longest wait before restarting a crashed worker.")] = 30.0
+    load_failure_backoff: Annotated[
+        float, _doc("Seconds before a worker whose models failed to load is started again (its reason is in /ready).")
+    ] = 300.0
     worker_token: Annotated[str, _doc("Shared secret between gateway and workers on TCP.")] = ""
     max_body_size: Annotated[int, _doc("Largest accepted JSON request body in bytes (413 above).")] = 10_000_000
     max_upload_size: Annotated[

@@ -306,6 +306,9 @@ class Pool:
             raise Unavailable("The server is shutting down; retry on another instance.", retry_after=1)
         ready = self.ready(model, task)
         if not ready:
+            failures = [m.detail for m in self.members if model in m.models and m.detail.startswith("cannot load")]
+            if failures:
+                raise Unavailable(f"Model '{model}' cannot be served now: {failures[0]}", retry_after=60)
             raise Unavailable(f"No worker is ready for model '{model}' yet; try again shortly.", retry_after=5)
         excluded = set(exclude)
         candidates = [m for m in ready if m not in excluded]

@@ -34,6 +34,8 @@ class LocalWorker:
     socket_path: Path
     member: Member
     process: asyncio.subprocess.Process | None = None
+    load_failure: str | None = None
+    """Why its models failed to load, as its health said, on its last start."""
     restarts: int = 0
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -119,20 +121,28 @@ class Supervisor:
                 code: int | str = await w.process.wait()
             except OSError as e:
                 code = f"a failed start ({e})"
-            self.pool.set_state(w.member, State.DOWN, f"exited with {code}")
             if self._stopping:
+                self.pool.set_state(w.member, State.DOWN, f"exited with {code}")
                 return
-            if time.monotonic() - started > STABLE_AFTER:
-                backoff = 1.0
-            log.warning("worker %s exited with %s; restarting in %.0fs", w.member.name, code, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.settings.worker_restart_max_backoff)
+            if w.load_failure is not None:  # reloading at once would fail the same way: wait long
+                wait = self.settings.load_failure_backoff
+                self.pool.set_state(w.member, State.DOWN, f"cannot load: {w.load_failure} (next try in {wait:.0f}s)")
+                log.error("worker %s cannot load its models; trying again in %.0fs", w.member.name, wait)
+            else:
+                self.pool.set_state(w.member, State.DOWN, f"exited with {code}")
+                if time.monotonic() - started > STABLE_AFTER:
+                    backoff = 1.0
+                wait = backoff
+                log.warning("worker %s exited with %s; restarting in %.0fs", w.member.name, code, wait)
+                backoff = min(backoff * 2, self.settings.worker_restart_max_backoff)
+            await asyncio.sleep(wait)
             w.restarts += 1
             metrics.WORKER_RESTARTS.labels(w.member.name).inc()
 
     async def _wait_ready(self, w: LocalWorker) -> None:
         """Poll the worker's health until it is ready, it exits, or worker_start_timeout passes."""
         assert w.process is not None
+        w.load_failure = None
         self.pool.set_state(w.member, State.STARTING)
         deadline = time.monotonic() + self.settings.worker_start_timeout
         while w.process.returncode is None and time.monotonic() < deadline:
@@ -148,10 +158,12 @@ class Supervisor:
                     return
                 if info is not None and info.status == "failed":
                     log.error("worker %s failed to start: %s", w.member.name, info.error)
+                    w.load_failure = info.error or "the worker failed to start"
                     break
             await asyncio.sleep(0.1)
         if w.process.returncode is None:
-            log.error("worker %s did not become ready; stopping it", w.member.name)
+            if w.load_failure is None:
+                log.error("worker %s did not become ready; stopping it", w.member.name)
             with contextlib.suppress(ProcessLookupError):
                 w.process.kill()
 

@@ -27,6 +27,9 @@ from app.worker.protocol import (
 
 log = logging.getLogger("imagegate.worker")
 
+FAILED_LINGER = 30.0
+"""Seconds a worker whose models failed to load keeps answering health with the reason before it exits."""
+
 ENGINE = web.AppKey("engine", Engine)
 TOKEN = web.AppKey("token", str)
 
@@ -125,6 +128,9 @@ async def serve(
             engine.status, engine.error = "failed", str(loading.exception())
             log.error("cannot start: %s", engine.error)
             code = 3
+            # Health answers "failed" with the reason until the supervisor has read it and stops us (or a while).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped, FAILED_LINGER)
         else:
             await stopped
     finally:
