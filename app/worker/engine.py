@@ -459,6 +459,8 @@ class Engine:
             kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
         if loaded.family.true_cfg or any(run.job.params.negative_prompt for run in runs):
             kwargs["negative_prompt"] = [run.job.params.negative_prompt or "" for run in runs for _ in rows[run]]
+            if loaded.family.negative_cfg and "true_cfg_scale" in accepts:  # else the pipeline ignores it
+                kwargs["true_cfg_scale"] = loaded.family.negative_cfg
         return to_pictures(pipe(**kwargs).images)
 
     def _send_partials(self, run: _Run, pictures: list, upto: int) -> None:

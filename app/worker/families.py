@@ -32,6 +32,9 @@ class Family:
     empty_negative_prompt: bool = False
     """The pipeline encodes a missing negative prompt as an empty one, so jobs with and without one can share a call
     (SDXL zeroes a missing one's embedding instead; Flux runs true CFG only when one is given)."""
+    negative_cfg: float | None = None
+    """For pipelines whose ``guidance_scale`` is distilled guidance (FLUX.1-dev): the ``true_cfg_scale`` that makes a
+    request's negative prompt count (the pipeline ignores it otherwise)."""
     true_cfg: bool = False
     """Guidance is the pipeline's ``true_cfg_scale``, which it applies only with a negative prompt: an empty one is
     sent when the request has none, so that guidance always applies."""
@@ -45,7 +48,7 @@ FAMILIES = (
     Family("sd", ("StableDiffusionPipeline",), steps=30, guidance=7.5, empty_negative_prompt=True),
     Family("sdxl", ("StableDiffusionXLPipeline",), steps=30, guidance=5.0),
     Family("sd3", ("StableDiffusion3Pipeline",), flow=True, steps=28, guidance=7.0, empty_negative_prompt=True),
-    Family("flux", ("FluxPipeline",), flow=True, steps=28, guidance=3.5),
+    Family("flux", ("FluxPipeline",), flow=True, steps=28, guidance=3.5, negative_cfg=4.0),
     Family("flux2", ("Flux2Pipeline", "Flux2KleinPipeline"), flow=True, steps=28, guidance=4.0),
     Family("chroma", ("ChromaPipeline",), flow=True, steps=40, guidance=3.0),
     Family("qwen_image", ("QwenImagePipeline",), flow=True, steps=50, guidance=4.0, true_cfg=True),

@@ -178,3 +178,17 @@ async def test_pixart_legacy_callback_reports_progress_and_stops_when_cancelled(
         assert max(e.step for e in events if isinstance(e, Progress)) < 40
     finally:
         await engine.stop()
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen_image", "sd3"])
+async def test_a_negative_prompt_changes_the_picture(family_dir, family):
+    # FLUX.1-dev once ignored negative prompts (no true CFG); Qwen-Image ran no CFG without one.
+    engine = Engine("cpu", [ModelConfig(name=family, path=str(saved(family_dir, family)))])
+    await engine.start()
+    try:
+        plain = images(await run(engine, params(engine)))
+        negative = images(await run(engine, params(engine, negative_prompt="blurry, dark")))
+        assert plain != negative
+        assert images(await run(engine, params(engine, negative_prompt="blurry, dark"))) == negative
+    finally:
+        await engine.stop()
