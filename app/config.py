@@ -24,6 +24,16 @@ _DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?")
 DEMO_MODEL = "imagegate-demo"
 
 
+QUANTIZATION = ("torchao", "bitsandbytes")
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which field and why."""
 
@@ -103,6 +113,43 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         int,
         _doc("Most output pixels (width x height x images) one batched pipeline call may hold; 0 turns batching off."),
     ] = 2_097_152
+    # GPU features: each trades something (start-up time, speed, memory or fidelity) for another, so each is opt-in.
+    compile: Annotated[
+        bool,
+        _doc(
+            "torch.compile the denoiser (its repeated blocks where diffusers declares them); compiled at start-up by "
+            "warm-up runs at the smallest and the default size, so no request pays for it (a new size compiles once)."
+        ),
+    ] = False
+    offload: Annotated[
+        Literal["none", "model", "sequential"],
+        _doc(
+            "Keep the weights in CPU memory for GPUs too small for the model: `model` moves each component to the "
+            "GPU while it runs, `sequential` each layer (least memory, slowest). Needs a GPU device."
+        ),
+    ] = "none"
+    vae_tiling: Annotated[bool, _doc("Decode and encode images tile by tile: far less memory for large sizes.")] = False
+    vae_slicing: Annotated[bool, _doc("Decode a batch one image at a time: less memory for large batches.")] = False
+    attention_backend: Annotated[
+        str,
+        _doc(
+            "The denoiser's diffusers attention backend (`native`, `flash`, `sage`, `xformers`, ...); empty: default."
+        ),
+    ] = ""
+    quantization: Annotated[
+        str,
+        _doc(
+            "Quantize the denoiser as it loads, through diffusers: `torchao:<type>` (e.g. `torchao:int8wo`, "
+            "`torchao:float8wo`), `bitsandbytes:4bit` or `bitsandbytes:8bit` (needs that package); empty: off."
+        ),
+    ] = ""
+    step_cache: Annotated[
+        str,
+        _doc(
+            "Reuse the denoiser's work between steps where diffusers can (transformer models), trading a little "
+            "fidelity for speed: `first_block:<threshold>` (e.g. `first_block:0.12`); empty: off."
+        ),
+    ] = ""
 
     def size_limits_text(self) -> str:
         return f"{self.min_side}-{self.max_side} px, multiples of {self.size_multiple}"
@@ -436,6 +483,15 @@ def validate(settings: Settings) -> None:
             m.schedulers = [*m.schedulers, m.default_scheduler]
         if m.preview == "taesd" and not m.taesd_path:
             raise ConfigError(f"{where}: preview = taesd needs taesd_path")
+        if m.offload != "none" and any(not d.startswith(("cuda", "xpu")) for d in m.devices):
+            raise ConfigError(f"{where}: offload = {m.offload} needs GPU devices (cuda:N, xpu:N), not {m.devices}")
+        backend, _, kind = m.quantization.partition(":")
+        kinds_ok = bool(kind) and (backend != "bitsandbytes" or kind in ("4bit", "8bit"))
+        if m.quantization and not (backend in QUANTIZATION and kinds_ok):
+            raise ConfigError(f"{where}: quantization {m.quantization!r} is not torchao:<type>, bitsandbytes:4bit|8bit")
+        cache, _, threshold = m.step_cache.partition(":")
+        if m.step_cache and (cache != "first_block" or not _positive_number(threshold)):
+            raise ConfigError(f"{where}: step_cache {m.step_cache!r} is not first_block:<threshold> (e.g. 0.12)")
         for name in ("edit_strength", "edit_strength_high_fidelity", "variation_strength"):
             if not 0 < getattr(m, name) <= 1:
                 raise ConfigError(f"{where}: {name} must be in (0, 1]")

@@ -20,7 +20,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, Dif
 from app.config import ModelConfig
 from app.worker.families import Family, family_of
 from app.worker.previews import Previewer
-from app.worker.protocol import FLOW_SCHEDULERS, SCHEDULERS
+from app.worker.protocol import FLOW_SCHEDULERS, SCHEDULERS, parse_size
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -249,8 +249,8 @@ def check_schedulers(loaded: LoadedModel) -> None:
         log.info("model %s: leaving out scheduler(s) it cannot run: %s", model.name, "; ".join(problems.values()))
 
 
-def _trial_run(loaded: LoadedModel, name: str | None) -> None:
-    """Two steps at the smallest size with scheduler ``name`` (None: the pipeline's own), checked for NaN.
+def _trial_run(loaded: LoadedModel, name: str | None, width: int = 0, height: int = 0) -> None:
+    """Two steps with scheduler ``name`` (None: the pipeline's own), checked for NaN, at the smallest size by default.
 
     The pipeline's own run also decodes a partial image from the latents its step callback sees, as requests do;
     when that fails the model sends no partial images, and says so now.
@@ -258,6 +258,7 @@ def _trial_run(loaded: LoadedModel, name: str | None) -> None:
     config = loaded.config
     side = max(config.min_side, 64)
     side += -side % config.size_multiple
+    width, height = width or side, height or side
     pipe = loaded.pipeline_for("text2img", loaded.make_scheduler(name))
     accepts = loaded.accepts["text2img"]
     seen: list[Any] = []
@@ -268,8 +269,8 @@ def _trial_run(loaded: LoadedModel, name: str | None) -> None:
         extra.update(callback=lambda i, t, latents: seen.append(latents), callback_steps=1)
     latents = pipe(
         prompt="start-up check",
-        height=side,
-        width=side,
+        height=height,
+        width=width,
         num_inference_steps=2,
         generator=torch.Generator("cpu").manual_seed(0),
         output_type="latent",
@@ -279,7 +280,7 @@ def _trial_run(loaded: LoadedModel, name: str | None) -> None:
         raise ValueError("it produced NaN values")
     if seen:
         try:
-            loaded.previewer(seen[-1][:1], side, side)
+            loaded.previewer(seen[-1][:1], width, height)
         except Exception as e:
             loaded.previews_failed = True
             log.warning(
@@ -290,6 +291,52 @@ def _trial_run(loaded: LoadedModel, name: str | None) -> None:
             )
 
 
+def _denoiser(pipe: Any) -> Any:
+    return getattr(pipe, "transformer", None) or pipe.unet
+
+
+def _quantization(model: ModelConfig, path: Path) -> Any:
+    """The quantization config diffusers loads the denoiser with, from the ``backend:kind`` setting."""
+    from diffusers import BitsAndBytesConfig, PipelineQuantizationConfig, TorchAoConfig
+
+    backend, _, kind = model.quantization.partition(":")
+    component = "transformer" if (path / "transformer").is_dir() else "unet"
+    if backend == "torchao":
+        config: Any = TorchAoConfig(kind)
+    elif kind == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[model.dtype]
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return PipelineQuantizationConfig(quant_mapping={component: config})
+
+
+def _speed_features(model: ModelConfig, pipe: Any) -> None:
+    """VAE tiling and slicing, the attention backend, step caching and compilation, as the model's settings ask."""
+    try:
+        if model.vae_tiling:
+            pipe.vae.enable_tiling()
+        if model.vae_slicing:
+            pipe.vae.enable_slicing()
+        denoiser = _denoiser(pipe)
+        if model.attention_backend:
+            denoiser.set_attention_backend(model.attention_backend)
+        if model.step_cache:
+            from diffusers import FirstBlockCacheConfig
+
+            if not hasattr(denoiser, "enable_cache"):
+                raise ValueError(f"{type(denoiser).__name__} has no step caching in diffusers")
+            denoiser.enable_cache(FirstBlockCacheConfig(threshold=float(model.step_cache.partition(":")[2])))
+        if model.compile:
+            if getattr(denoiser, "_repeated_blocks", None):
+                denoiser.compile_repeated_blocks()  # regional: each distinct block compiles once
+            else:
+                denoiser.compile()
+    except Exception as e:  # a backend that is not installed or not for this device, a model without the feature
+        raise ModelLoadError(f"model {model.name!r}: {type(e).__name__}: {e}") from e
+
+
 def load_model(model: ModelConfig, device: str) -> LoadedModel:
     """Load ``model`` onto ``device`` through ``from_pretrained`` (creating the demo model first if asked)."""
     path = Path(model.path).expanduser()
@@ -298,11 +345,19 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
         create_demo_model(path)
     source = str(path) if path.exists() else model.path
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=DTYPES[model.dtype])
+        extra = {"quantization_config": _quantization(model, path)} if model.quantization else {}
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=DTYPES[model.dtype], **extra)
     except Exception as e:
-        raise ModelLoadError(f"model {model.name!r}: cannot load {source!r}: {type(e).__name__}: {e}") from e
-    pipe = pipe.to(device)
+        hint = f" (quantization {model.quantization}: is its package installed?)" if model.quantization else ""
+        raise ModelLoadError(f"model {model.name!r}: cannot load {source!r}{hint}: {type(e).__name__}: {e}") from e
+    if model.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif model.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    _speed_features(model, pipe)
     accepted = call_params(type(pipe))
     steps_seen = "callback_on_step_end" in accepted or {"callback", "callback_steps"} <= accepted  # (PixArt: legacy)
     if not ({"num_inference_steps", "generator"} <= accepted and steps_seen):
@@ -346,6 +401,8 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
         segmenter=segmenter,
     )
     check_schedulers(loaded)
+    if model.compile:  # the request path's shapes compile now, not in a request
+        _trial_run(loaded, None, *parse_size(model.default_size))
     log.info(
         "loaded %s (%s, family %s, %s) on %s: tasks %s, schedulers %s",
         model.name,

@@ -284,3 +284,41 @@ def test_scalar_fields_types():
     assert set(fields) | set(list_fields()) == {f.name for f in msgspec.structs.fields(Settings)} - tables
     assert fields["allow_anonymous"] is bool
     assert set(list_fields()) == {"image_url_allowlist", "cors_origins"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"offload": "model"}, "offload = model needs GPU devices"),
+        ({"offload": "sequential", "devices": ["cuda:0", "cpu"]}, "needs GPU devices"),
+        ({"quantization": "int8"}, "is not torchao:<type>"),
+        ({"quantization": "bitsandbytes:2bit"}, "is not torchao:<type>"),
+        ({"quantization": "torchao:"}, "is not torchao:<type>"),
+        ({"step_cache": "first_block"}, "is not first_block:<threshold>"),
+        ({"step_cache": "first_block:-1"}, "is not first_block:<threshold>"),
+        ({"step_cache": "teacache:0.1"}, "is not first_block:<threshold>"),
+    ],
+)
+def test_gpu_feature_settings_are_checked(tmp_path, fields, message):
+    assert message in _model_error(tmp_path, **fields)
+
+
+def test_gpu_feature_settings_that_are_valid(tmp_path):
+    model = {
+        "name": "m",
+        "path": "/m",
+        "devices": ["cuda:0"],
+        "offload": "model",
+        "quantization": "bitsandbytes:4bit",
+        "step_cache": "first_block:0.12",
+        "compile": True,
+        "vae_tiling": True,
+        "attention_backend": "flash",
+    }
+    [loaded] = _load(tmp_path, overrides={"models": [model]}).models
+    assert (loaded.offload, loaded.quantization, loaded.step_cache, loaded.compile) == (
+        "model",
+        "bitsandbytes:4bit",
+        "first_block:0.12",
+        True,
+    )

@@ -192,3 +192,59 @@ async def test_a_negative_prompt_changes_the_picture(family_dir, family):
         assert images(await run(engine, params(engine, negative_prompt="blurry, dark"))) == negative
     finally:
         await engine.stop()
+
+
+# -- the GPU features, where they run on a CPU ----------------------------------------------------------------
+
+
+async def started(family_dir: Path, family: str, **config) -> Engine:
+    engine = Engine("cpu", [ModelConfig(name=family, path=str(saved(family_dir, family)), **config)])
+    await engine.start()
+    return engine
+
+
+async def test_vae_tiling_slicing_and_attention_backend(family_dir):
+    engine = await started(family_dir, "sdxl", vae_tiling=True, vae_slicing=True, attention_backend="native")
+    try:
+        vae = engine.models["sdxl"].pipe.vae
+        assert vae.use_tiling and vae.use_slicing
+        assert [size(d) for d in images(await run(engine, params(engine, width=2 * SIDE, n=2)))] == [(128, 64)] * 2
+    finally:
+        await engine.stop()
+
+
+async def test_step_cache_on_a_transformer(family_dir):
+    engine = await started(family_dir, "flux", step_cache="first_block:0.5")
+    try:
+        first = images(await run(engine, params(engine, steps=6)))
+        assert [size(d) for d in first] == [(SIDE, SIDE)]
+        assert images(await run(engine, params(engine, steps=6))) == first
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.parametrize(
+    ("family", "config", "message"),
+    [
+        ("sdxl", {"step_cache": "first_block:0.1"}, "UNet2DConditionModel has no step caching"),
+        ("flux", {"attention_backend": "no_such_backend"}, "no_such_backend"),
+        ("flux", {"quantization": "torchao:int8wo"}, "quantization torchao:int8wo: is its package installed"),
+    ],
+)
+def test_a_feature_the_model_or_host_lacks_stops_the_start_with_why(family_dir, family, config, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(ModelConfig(name=family, path=str(saved(family_dir, family)), **config), "cpu")
+
+
+async def test_compiled_at_start_up_so_no_request_compiles(family_dir):
+    from torch._dynamo.utils import counters
+
+    engine = await started(family_dir, "flux", compile=True, default_size=f"{SIDE}x{SIDE}")
+    try:
+        compiled = dict(counters["stats"])
+        assert compiled.get("unique_graphs", 0) > 0  # the repeated blocks compiled while starting
+        first = images(await run(engine, params(engine, steps=3)))
+        assert [size(d) for d in first] == [(SIDE, SIDE)]
+        assert dict(counters["stats"]) == compiled  # nothing compiled during the request
+    finally:
+        await engine.stop()
