@@ -17,6 +17,7 @@ from PIL import Image as PILImage
 from app.config import ModelConfig
 from app.worker.engine import Engine
 from app.worker.pipelines import ModelLoadError, load_model, quiet_libraries
+from app.worker.previews import X0Tracker
 from app.worker.protocol import (
     DIFFUSION_SCHEDULERS,
     FLOW_SCHEDULERS,
@@ -248,3 +249,38 @@ async def test_compiled_at_start_up_so_no_request_compiles(family_dir):
         assert dict(counters["stats"]) == compiled  # nothing compiled during the request
     finally:
         await engine.stop()
+
+
+@pytest.mark.parametrize("family", [name for name, (_, _, previews) in EXPECTED.items() if previews])
+def test_partial_images_show_the_predicted_clean_image_not_the_noise(family_dir, family):
+    """Half-way, the x0 a preview decodes is nearer the finished latents than the noisy latents it came from."""
+    loaded = load_model(ModelConfig(name=family, path=str(saved(family_dir, family))), "cpu")
+    scheduler = loaded.make_scheduler(None)
+    pipe = loaded.pipeline_for("text2img", scheduler)
+    tracker = X0Tracker(scheduler)
+    tracker.wanted = True
+    after: list[torch.Tensor] = []  # the latents after each step, so the input of the next
+    x0: list[torch.Tensor] = []  # the x0 each step predicted from its input
+
+    def seen(latents: torch.Tensor) -> None:
+        after.append(latents.clone())
+        x0.append(tracker.latest.clone())
+
+    if "callback_on_step_end" in loaded.accepts["text2img"]:
+        hook = {"callback_on_step_end": lambda p, i, t, kw: seen(kw["latents"]) or kw}
+    else:
+        hook = {"callback": lambda i, t, latents: seen(latents), "callback_steps": 1}
+    binning = {"use_resolution_binning": False} if "use_resolution_binning" in loaded.accepts["text2img"] else {}
+    final = pipe(
+        prompt="a red fox",
+        height=SIDE,
+        width=SIDE,
+        num_inference_steps=8,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="latent",
+        **hook,
+        **binning,
+    ).images
+    noisy, predicted = after[3], x0[4]  # step 5's input, and what step 5 predicted from it
+    assert predicted.shape == noisy.shape == final.shape
+    assert ((predicted - final) ** 2).mean() < ((noisy - final) ** 2).mean()
