@@ -24,7 +24,11 @@ _DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?")
 DEMO_MODEL = "imagegate-demo"
 
 
-QUANTIZATION = ("torchao", "bitsandbytes")
+QUANTIZATION = {
+    "torchao": ("int8wo", "int8dq", "int4wo", "float8wo", "float8dq"),
+    "bitsandbytes": ("4bit", "8bit"),
+}
+"""Quantization backends and the kinds each offers (``backend:kind``)."""
 
 
 def _positive_number(text: str) -> bool:
@@ -139,8 +143,8 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     quantization: Annotated[
         str,
         _doc(
-            "Quantize the denoiser as it loads, through diffusers: `torchao:<type>` (e.g. `torchao:int8wo`, "
-            "`torchao:float8wo`), `bitsandbytes:4bit` or `bitsandbytes:8bit` (needs that package); empty: off."
+            "Quantize the denoiser as it loads, through diffusers: `torchao:int8wo|int8dq|int4wo|float8wo|float8dq` "
+            "or `bitsandbytes:4bit|8bit` (needs that package); empty: off."
         ),
     ] = ""
     step_cache: Annotated[
@@ -486,9 +490,9 @@ def validate(settings: Settings) -> None:
         if m.offload != "none" and any(not d.startswith(("cuda", "xpu")) for d in m.devices):
             raise ConfigError(f"{where}: offload = {m.offload} needs GPU devices (cuda:N, xpu:N), not {m.devices}")
         backend, _, kind = m.quantization.partition(":")
-        kinds_ok = bool(kind) and (backend != "bitsandbytes" or kind in ("4bit", "8bit"))
-        if m.quantization and not (backend in QUANTIZATION and kinds_ok):
-            raise ConfigError(f"{where}: quantization {m.quantization!r} is not torchao:<type>, bitsandbytes:4bit|8bit")
+        if m.quantization and kind not in QUANTIZATION.get(backend, ()):
+            known = ", ".join(f"{b}:{k}" for b, kinds in QUANTIZATION.items() for k in kinds)
+            raise ConfigError(f"{where}: quantization {m.quantization!r} is not one of {known}")
         cache, _, threshold = m.step_cache.partition(":")
         if m.step_cache and (cache != "first_block" or not _positive_number(threshold)):
             raise ConfigError(f"{where}: step_cache {m.step_cache!r} is not first_block:<threshold> (e.g. 0.12)")

@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import diffusers
 import torch
-from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.auto_pipeline import (  # how from_pipe finds a family's edit pipelines
+    AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+    AUTO_INPAINT_PIPELINES_MAPPING,
+    _get_task_class,
+)
 
 from app.config import ModelConfig
 from app.worker.families import Family, family_of
@@ -28,6 +33,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("imagegate.worker")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def view(cls: type, pipe: Any, scheduler: Any) -> Any:
+    """A pipeline of class ``cls`` on ``pipe``'s components (the same weights) with its own ``scheduler``.
+
+    What ``from_pipe`` does, without its cast of every component to a dtype, which quantized models refuse.
+    """
+    wanted = inspect.signature(cls.__init__).parameters
+    config = {k: v for k, v in pipe.config.items() if k in wanted and not k.startswith("_")}
+    parts = {k: v for k, v in pipe.components.items() if k in wanted}
+    made = cls(**{**config, **parts, "scheduler": scheduler})
+    made.set_progress_bar_config(disable=True)
+    return made
 
 
 @functools.cache
@@ -46,8 +64,10 @@ class LoadedModel:
     pipe: Any
     previewer: Previewer
     family: Family
+    classes: dict[str, type]
+    """Task -> its pipeline class (background removal runs none)."""
     accepts: dict[str, frozenset[str]]
-    """Task -> the arguments its pipeline's ``__call__`` takes (background removal runs no pipeline)."""
+    """Task -> the arguments its pipeline's ``__call__`` takes."""
     schedulers: dict[str, Any] = field(default_factory=dict)
     """Scheduler name -> (class, extra config), checked to work with this pipeline."""
     tasks: frozenset[str] = frozenset({"text2img"})
@@ -58,15 +78,7 @@ class LoadedModel:
 
     def pipeline_for(self, task: str, scheduler: Any) -> Any:
         """A view of the pipeline for ``task`` that shares the weights and has its own scheduler and state."""
-        if task == "img2img":
-            cls: Any = AutoPipelineForImage2Image
-        elif task in ("inpaint", "outpaint"):
-            cls = AutoPipelineForInpainting
-        else:
-            cls = type(self.pipe)
-        pipe = cls.from_pipe(self.pipe, scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return view(self.classes[task], self.pipe, scheduler)
 
     def make_scheduler(self, name: str | None) -> Any:
         """A fresh scheduler for one job, so no state is shared between jobs."""
@@ -295,6 +307,15 @@ def _denoiser(pipe: Any) -> Any:
     return getattr(pipe, "transformer", None) or pipe.unet
 
 
+_TORCHAO = {
+    "int8wo": "Int8WeightOnlyConfig",
+    "int8dq": "Int8DynamicActivationInt8WeightConfig",
+    "int4wo": "Int4WeightOnlyConfig",
+    "float8wo": "Float8WeightOnlyConfig",
+    "float8dq": "Float8DynamicActivationFloat8WeightConfig",
+}
+
+
 def _quantization(model: ModelConfig, path: Path) -> Any:
     """The quantization config diffusers loads the denoiser with, from the ``backend:kind`` setting."""
     from diffusers import BitsAndBytesConfig, PipelineQuantizationConfig, TorchAoConfig
@@ -302,7 +323,9 @@ def _quantization(model: ModelConfig, path: Path) -> Any:
     backend, _, kind = model.quantization.partition(":")
     component = "transformer" if (path / "transformer").is_dir() else "unet"
     if backend == "torchao":
-        config: Any = TorchAoConfig(kind)
+        import torchao.quantization
+
+        config: Any = TorchAoConfig(getattr(torchao.quantization, _TORCHAO[kind])())
     elif kind == "4bit":
         config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[model.dtype]
@@ -363,23 +386,29 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
     if not ({"num_inference_steps", "generator"} <= accepted and steps_seen):
         raise ModelLoadError(f"model {model.name!r}: {type(pipe).__name__} is not a supported text-to-image pipeline")
     tasks = {"text2img"}
-    accepts = {"text2img": accepted}
-    for task, cls, needs in (
-        ("img2img", AutoPipelineForImage2Image, {"image", "strength"}),
-        ("inpaint", AutoPipelineForInpainting, {"image", "mask_image", "strength"}),
+    classes: dict[str, type] = {"text2img": type(pipe)}
+    for task, mapping, needs in (
+        ("img2img", AUTO_IMAGE2IMAGE_PIPELINES_MAPPING, {"image", "strength"}),
+        ("inpaint", AUTO_INPAINT_PIPELINES_MAPPING, {"image", "mask_image", "strength"}),
     ):
+        cls = _get_task_class(mapping, type(pipe).__name__, throw_error_if_not_exist=False)
+        if cls is None:
+            log.info("model %s: no %s pipeline for %s", model.name, task, type(pipe).__name__)
+            continue
         try:
-            accepts[task] = call_params(type(cls.from_pipe(pipe)))
-        except Exception as e:  # no edit pipeline for this architecture
+            view(cls, pipe, pipe.scheduler)
+        except Exception as e:  # its components do not fit the edit pipeline
             log.info("model %s: no %s pipeline (%s)", model.name, task, e)
             continue
-        if not needs <= accepts[task]:  # e.g. a pipeline that takes reference images, not an image to redraw
-            log.info("model %s: its %s pipeline takes no %s", model.name, task, ", ".join(needs - accepts.pop(task)))
+        if not needs <= call_params(cls):  # e.g. a pipeline that takes reference images, not an image to redraw
+            log.info("model %s: its %s pipeline takes no %s", model.name, task, ", ".join(needs - call_params(cls)))
             continue
+        classes[task] = cls
         tasks.add(task)
         if task == "inpaint":
             tasks.add("outpaint")
-            accepts["outpaint"] = accepts[task]
+            classes["outpaint"] = cls
+    accepts = {task: call_params(cls) for task, cls in classes.items()}
     segmenter = None
     if model.segmentation_model:
         from transformers import pipeline as transformers_pipeline
@@ -396,6 +425,7 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
         pipe=pipe,
         previewer=Previewer.for_pipeline(pipe, model.preview, model.preview_downscale, model.taesd_path),
         family=family_of(pipe),
+        classes=classes,
         accepts=accepts,
         tasks=frozenset(tasks),
         segmenter=segmenter,

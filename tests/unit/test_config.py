@@ -291,9 +291,10 @@ def test_scalar_fields_types():
     [
         ({"offload": "model"}, "offload = model needs GPU devices"),
         ({"offload": "sequential", "devices": ["cuda:0", "cpu"]}, "needs GPU devices"),
-        ({"quantization": "int8"}, "is not torchao:<type>"),
-        ({"quantization": "bitsandbytes:2bit"}, "is not torchao:<type>"),
-        ({"quantization": "torchao:"}, "is not torchao:<type>"),
+        ({"quantization": "int8"}, "is not one of torchao:int8wo"),
+        ({"quantization": "bitsandbytes:2bit"}, "is not one of torchao:int8wo"),
+        ({"quantization": "torchao:"}, "is not one of torchao:int8wo"),
+        ({"quantization": "torchao:int7"}, "is not one of torchao:int8wo"),
         ({"step_cache": "first_block"}, "is not first_block:<threshold>"),
         ({"step_cache": "first_block:-1"}, "is not first_block:<threshold>"),
         ({"step_cache": "teacache:0.1"}, "is not first_block:<threshold>"),

@@ -229,7 +229,7 @@ async def test_step_cache_on_a_transformer(family_dir):
     [
         ("sdxl", {"step_cache": "first_block:0.1"}, "UNet2DConditionModel has no step caching"),
         ("flux", {"attention_backend": "no_such_backend"}, "no_such_backend"),
-        ("flux", {"quantization": "torchao:int8wo"}, "quantization torchao:int8wo: is its package installed"),
+        ("flux", {"quantization": "bitsandbytes:8bit"}, "quantization bitsandbytes:8bit: is its package installed"),
     ],
 )
 def test_a_feature_the_model_or_host_lacks_stops_the_start_with_why(family_dir, family, config, message):
@@ -284,3 +284,17 @@ def test_partial_images_show_the_predicted_clean_image_not_the_noise(family_dir,
     noisy, predicted = after[3], x0[4]  # step 5's input, and what step 5 predicted from it
     assert predicted.shape == noisy.shape == final.shape
     assert ((predicted - final) ** 2).mean() < ((noisy - final) ** 2).mean()
+
+
+async def test_quantized_denoiser(family_dir):
+    engine = await started(family_dir, "flux", quantization="torchao:int8wo")
+    try:
+        weight = engine.models["flux"].pipe.transformer.transformer_blocks[0].attn.to_q.weight
+        assert type(weight).__name__ == "Int8Tensor"  # torchao's, not a float tensor
+        first = images(await run(engine, params(engine)))
+        assert [size(d) for d in first] == [(SIDE, SIDE)]
+        assert images(await run(engine, params(engine))) == first
+        p = params(engine, task="img2img", strength=0.75, image_bytes=len(png()))  # edit pipelines share the weights
+        assert [size(d) for d in images(await run(engine, p, png()))] == [(SIDE, SIDE)]
+    finally:
+        await engine.stop()
