@@ -37,8 +37,6 @@ SIDE, STEPS = 128, 8
 
 
 async def measure(family: str, path: Path, reps: int) -> dict:
-    import torch
-
     from app.config import ModelConfig
     from app.worker.engine import Engine
     from app.worker.previews import encode_image
@@ -68,16 +66,7 @@ async def measure(family: str, path: Path, reps: int) -> dict:
         step = statistics.median(gaps)
         preview = None
         if not loaded.previews_failed:
-            pipe = loaded.pipeline_for("text2img", loaded.make_scheduler(None))
-            latents = pipe(
-                prompt="a red fox",
-                height=SIDE,
-                width=SIDE,
-                num_inference_steps=2,
-                generator=torch.Generator("cpu").manual_seed(0),
-                output_type="latent",
-                **({"use_resolution_binning": False} if "use_resolution_binning" in loaded.accepts["text2img"] else {}),
-            ).images
+            latents = loaded.latents(None, SIDE, SIDE, 2)
             costs = []
             for _ in range(reps):
                 t = time.perf_counter()

@@ -90,6 +90,41 @@ class LoadedModel:
             extra = {**extra, "flow_shift": base.config.get("shift", 1.0)}
         return cls.from_config(base.config, **extra)
 
+    def latents(
+        self,
+        scheduler: str | None,
+        width: int,
+        height: int,
+        steps: int,
+        *,
+        prompt: str = "a red fox",
+        on_step: Callable[[Any], None] | None = None,
+        on_scheduler: Callable[[Any], object] | None = None,
+    ) -> Any:
+        """The final latents of a plain text-to-image call (seed 0).
+
+        ``on_step`` sees the latents after each step; ``on_scheduler`` the call's fresh scheduler, before it runs.
+        """
+        fresh = self.make_scheduler(scheduler)
+        if on_scheduler is not None:
+            on_scheduler(fresh)
+        pipe = self.pipeline_for("text2img", fresh)
+        accepts = self.accepts["text2img"]
+        extra: dict[str, Any] = {"use_resolution_binning": False} if "use_resolution_binning" in accepts else {}
+        if on_step is not None and "callback_on_step_end" in accepts:
+            extra["callback_on_step_end"] = lambda pipe_, i, t, kwargs: on_step(kwargs["latents"]) or kwargs
+        elif on_step is not None:  # the legacy form (PixArt)
+            extra.update(callback=lambda i, t, latents: on_step(latents), callback_steps=1)
+        return pipe(
+            prompt=prompt,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="latent",
+            **extra,
+        ).images
+
     def count_tokens(self, prompt: str) -> int:
         tok = getattr(self.pipe, "tokenizer", None)
         if tok is None:
@@ -271,23 +306,8 @@ def _trial_run(loaded: LoadedModel, name: str | None, width: int = 0, height: in
     side = max(config.min_side, 64)
     side += -side % config.size_multiple
     width, height = width or side, height or side
-    pipe = loaded.pipeline_for("text2img", loaded.make_scheduler(name))
-    accepts = loaded.accepts["text2img"]
     seen: list[Any] = []
-    extra: dict[str, Any] = {"use_resolution_binning": False} if "use_resolution_binning" in accepts else {}
-    if name is None and "callback_on_step_end" in accepts:
-        extra["callback_on_step_end"] = lambda pipe_, i, t, kwargs: seen.append(kwargs["latents"]) or kwargs
-    elif name is None:
-        extra.update(callback=lambda i, t, latents: seen.append(latents), callback_steps=1)
-    latents = pipe(
-        prompt="start-up check",
-        height=height,
-        width=width,
-        num_inference_steps=2,
-        generator=torch.Generator("cpu").manual_seed(0),
-        output_type="latent",
-        **extra,
-    ).images
+    latents = loaded.latents(name, width, height, 2, on_step=seen.append if name is None else None)
     if isinstance(latents, torch.Tensor) and not torch.isfinite(latents).all():
         raise ValueError("it produced NaN values")
     if seen:

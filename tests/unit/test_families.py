@@ -255,32 +255,19 @@ async def test_compiled_at_start_up_so_no_request_compiles(family_dir):
 def test_partial_images_show_the_predicted_clean_image_not_the_noise(family_dir, family):
     """Half-way, the x0 a preview decodes is nearer the finished latents than the noisy latents it came from."""
     loaded = load_model(ModelConfig(name=family, path=str(saved(family_dir, family))), "cpu")
-    scheduler = loaded.make_scheduler(None)
-    pipe = loaded.pipeline_for("text2img", scheduler)
-    tracker = X0Tracker(scheduler)
-    tracker.wanted = True
+    trackers: list[X0Tracker] = []
     after: list[torch.Tensor] = []  # the latents after each step, so the input of the next
     x0: list[torch.Tensor] = []  # the x0 each step predicted from its input
 
+    def track(scheduler) -> None:
+        trackers.append(X0Tracker(scheduler))
+        trackers[0].wanted = True
+
     def seen(latents: torch.Tensor) -> None:
         after.append(latents.clone())
-        x0.append(tracker.latest.clone())
+        x0.append(trackers[0].latest.clone())
 
-    if "callback_on_step_end" in loaded.accepts["text2img"]:
-        hook = {"callback_on_step_end": lambda p, i, t, kw: seen(kw["latents"]) or kw}
-    else:
-        hook = {"callback": lambda i, t, latents: seen(latents), "callback_steps": 1}
-    binning = {"use_resolution_binning": False} if "use_resolution_binning" in loaded.accepts["text2img"] else {}
-    final = pipe(
-        prompt="a red fox",
-        height=SIDE,
-        width=SIDE,
-        num_inference_steps=8,
-        generator=torch.Generator("cpu").manual_seed(0),
-        output_type="latent",
-        **hook,
-        **binning,
-    ).images
+    final = loaded.latents(None, SIDE, SIDE, 8, on_step=seen, on_scheduler=track)
     noisy, predicted = after[3], x0[4]  # step 5's input, and what step 5 predicted from it
     assert predicted.shape == noisy.shape == final.shape
     assert ((predicted - final) ** 2).mean() < ((noisy - final) ** 2).mean()
