@@ -11,8 +11,8 @@ Running a batch (:meth:`Engine._run`): one ``pipe(...)`` call with one prompt, o
 generator (seeded ``seed + i``) per image, so an image does not depend on the batch it ran in. Each job keeps its
 own events: ``Started`` (with the batch's size), its progress, its partial images on its own schedule (decoded from
 its rows of the batch), its images and ``Done``. A cancelled job ends at the next denoising step while the others go
-on; the call stops only when every job in it is cancelled. When a batch of several fails with an out-of-memory or
-invalid-input error, its jobs run again one at a time, so only the job at fault fails.
+on; the call stops only when every job in it is cancelled. When a batch of several fails, whatever the error, its
+jobs run again one at a time, so only the job at fault fails.
 """
 
 from __future__ import annotations
@@ -435,9 +435,10 @@ class Engine:
 
         expected = max(1, int(p.steps * (p.strength or 1.0)))
         tracker.wanted = any(1 in preview_steps(expected, run.job.params.partial_images) for run in runs)
+        accepts = loaded.accepts[p.task]
         kwargs = {
             **self._inputs(runs),
-            **self._sizing(loaded.accepts[p.task], p),
+            **self._sizing(accepts, p),
             "prompt": [run.job.params.prompt for run in runs for _ in rows[run]],
             "num_inference_steps": p.steps,
             "guidance_scale": p.guidance,
@@ -450,7 +451,6 @@ class Engine:
             ],
             "output_type": "np",
         }
-        accepts = loaded.accepts[p.task]
         if "callback_on_step_end" in accepts:
             kwargs.update(callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
         else:  # the legacy form (PixArt): called after each step with the latents
