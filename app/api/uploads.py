@@ -74,7 +74,6 @@ class _Form:
     settings: Settings
     uploads: dict[str, list[BinaryIO]] = field(default_factory=dict)
     text: dict[str, list[str]] = field(default_factory=dict)
-    parts: int = 0
 
     def param_of(self, name: str) -> str | None:
         return next((param for param, names in self.files.items() if name in names), None)
