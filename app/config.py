@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from app.worker.protocol import SCHEDULERS, parse_size
+from app.worker.protocol import SCHEDULERS, TORCHAO_CONFIGS, parse_size
 
 ENV_PREFIX = "IMAGEGATE_"
 _DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?")
@@ -25,7 +25,7 @@ DEMO_MODEL = "imagegate-demo"
 
 
 QUANTIZATION = {
-    "torchao": ("int8wo", "int8dq", "int4wo", "float8wo", "float8dq"),
+    "torchao": tuple(TORCHAO_CONFIGS),
     "bitsandbytes": ("4bit", "8bit"),
 }
 """Quantization backends and the kinds each offers (``backend:kind``)."""

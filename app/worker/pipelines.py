@@ -25,7 +25,7 @@ from diffusers.pipelines.auto_pipeline import (  # how from_pipe finds a family'
 from app.config import ModelConfig
 from app.worker.families import Family, family_of
 from app.worker.previews import Previewer
-from app.worker.protocol import FLOW_SCHEDULERS, SCHEDULERS, parse_size
+from app.worker.protocol import FLOW_SCHEDULERS, SCHEDULERS, TORCHAO_CONFIGS, parse_size
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -40,12 +40,18 @@ def view(cls: type, pipe: Any, scheduler: Any) -> Any:
 
     What ``from_pipe`` does, without its cast of every component to a dtype, which quantized models refuse.
     """
-    wanted = inspect.signature(cls.__init__).parameters
+    wanted = init_params(cls)
     config = {k: v for k, v in pipe.config.items() if k in wanted and not k.startswith("_")}
     parts = {k: v for k, v in pipe.components.items() if k in wanted}
     made = cls(**{**config, **parts, "scheduler": scheduler})
     made.set_progress_bar_config(disable=True)
     return made
+
+
+@functools.cache
+def init_params(pipeline_class: type) -> frozenset[str]:
+    """The arguments a pipeline class's constructor takes (looked up once: every job builds a view)."""
+    return frozenset(inspect.signature(pipeline_class.__init__).parameters)
 
 
 @functools.cache
@@ -327,15 +333,6 @@ def _denoiser(pipe: Any) -> Any:
     return getattr(pipe, "transformer", None) or pipe.unet
 
 
-_TORCHAO = {
-    "int8wo": "Int8WeightOnlyConfig",
-    "int8dq": "Int8DynamicActivationInt8WeightConfig",
-    "int4wo": "Int4WeightOnlyConfig",
-    "float8wo": "Float8WeightOnlyConfig",
-    "float8dq": "Float8DynamicActivationFloat8WeightConfig",
-}
-
-
 def _quantization(model: ModelConfig, path: Path) -> Any:
     """The quantization config diffusers loads the denoiser with, from the ``backend:kind`` setting."""
     from diffusers import BitsAndBytesConfig, PipelineQuantizationConfig, TorchAoConfig
@@ -345,7 +342,7 @@ def _quantization(model: ModelConfig, path: Path) -> Any:
     if backend == "torchao":
         import torchao.quantization
 
-        config: Any = TorchAoConfig(getattr(torchao.quantization, _TORCHAO[kind])())
+        config: Any = TorchAoConfig(getattr(torchao.quantization, TORCHAO_CONFIGS[kind])())
     elif kind == "4bit":
         config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[model.dtype]

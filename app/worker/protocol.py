@@ -69,6 +69,16 @@ DIFFUSION_SCHEDULERS = (
 FLOW_SCHEDULERS = ("flow_euler", "flow_heun", "flow_unipc", "flow_dpmpp_2m")
 """The samplers offered for flow-matching (velocity) models (SD3, FLUX, Qwen-Image, Sana, ...) by default."""
 
+TORCHAO_CONFIGS = {
+    "int8wo": "Int8WeightOnlyConfig",
+    "int8dq": "Int8DynamicActivationInt8WeightConfig",
+    "int4wo": "Int4WeightOnlyConfig",
+    "float8wo": "Float8WeightOnlyConfig",
+    "float8dq": "Float8DynamicActivationFloat8WeightConfig",
+}
+"""``quantization = "torchao:<kind>"`` kinds -> the torchao config class each stands for (named here, free of torch,
+so the gateway's settings can check them)."""
+
 # Diffusers class names are accepted too (several serving APIs use them); the first short name wins.
 SCHEDULER_ALIASES: dict[str, str] = {}
 for _name, (_cls, _extra) in SCHEDULERS.items():
