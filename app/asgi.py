@@ -23,8 +23,10 @@ from litestar.static_files import create_static_files_router
 from app.api.admin import AdminController
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.images import ImagesController, UploadsController
+from app.api.infer import InferController
 from app.api.instrument import HEADER as OVERHEAD_HEADER
 from app.api.instrument import instrument_middleware
+from app.api.jobs import JobsController, WebhookSecretsController
 from app.api.playground import STATIC_DIR, PlaygroundController
 from app.api.system import SystemController
 from app.auth.guard import Guard
@@ -38,9 +40,14 @@ from app.pool import State as BackendState
 from app.pool.remote import RemoteWorkers
 from app.pool.supervisor import Supervisor
 from app.services.images import ImageService
+from app.services.infer import InferService, make_enhancer
+from app.services.jobs import JobService
 from app.services.keys import KeyService
-from app.store.files import ImageFiles, load_or_create_secret
-from app.store.keys import SqliteStore, db_path
+from app.services.webhooks import WebhookSender
+from app.store.db import Database
+from app.store.files import JOB_ROUTE, ImageFiles, load_or_create_secret
+from app.store.jobs import JobStore
+from app.store.keys import SqlKeyStore
 
 log = logging.getLogger("imagegate")
 
@@ -83,15 +90,28 @@ def create_app(
         else:
             for backend, models in backends:
                 pool.add(backend, models, state=BackendState.READY)
-        store = SqliteStore(db_path(data_dir))
+        db = Database(settings.database())
+        store = SqlKeyStore(db)
         guard = Guard(store, clock=clock)
         images = ImageService(settings, pool, files, guard=guard)
+        job_store = JobStore(db)
+        job_files = ImageFiles(data_dir / "job-files", secret, settings.url_ttl, route=JOB_ROUTE)
+        jobs = JobService(settings, job_store, images, job_files, guard=guard, clock=clock)
+        webhooks = WebhookSender(settings, job_store, clock=clock)
+        jobs.on_change.append(webhooks.wake)
+        enhancer = make_enhancer(settings)
+        jobs.start()
+        webhooks.start()
         sweeper = asyncio.create_task(files.sweep_forever(), name="sweep-image-files")
         prober = asyncio.create_task(pool.probe_back_forever(settings.health_interval), name="probe-back")
         state.update(
             pool=pool,
             files=files,
             images=images,
+            jobs=jobs,
+            infer=InferService(settings, images, jobs, enhancer),
+            job_files=job_files,
+            webhooks=webhooks,
             supervisor=supervisor,
             auth=Authenticator(settings, store, clock=clock),
             keys=KeyService(store, clock=clock),
@@ -101,8 +121,11 @@ def create_app(
         finally:
             sweeper.cancel()
             prober.cancel()
+            await jobs.stop()
+            await webhooks.stop()
+            await enhancer.close()
             await guard.drain()
-            store.close()
+            db.close()
             if supervisor is not None and remote is not None:
                 await remote.stop()
                 await supervisor.stop()
@@ -126,8 +149,15 @@ def create_app(
         CORSConfig(
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=["authorization", "content-type", "x-api-key", "x-bf-vk"],
-            expose_headers=["retry-after", "x-should-retry", "www-authenticate", OVERHEAD_HEADER.decode()],
+            allow_headers=["authorization", "content-type", "x-api-key", "x-bf-vk", "prefer", "idempotency-key"],
+            expose_headers=[
+                "retry-after",
+                "x-should-retry",
+                "www-authenticate",
+                "location",
+                "preference-applied",
+                OVERHEAD_HEADER.decode(),
+            ],
         )
         if settings.cors_origins
         else None
@@ -136,6 +166,9 @@ def create_app(
         route_handlers=[
             ImagesController,
             uploads,
+            JobsController,
+            WebhookSecretsController,
+            InferController,
             AdminController,
             SystemController,
             PrometheusController,
@@ -149,6 +182,10 @@ def create_app(
             "pool": from_state("pool"),
             "images": from_state("images"),
             "files": from_state("files"),
+            "job_files": from_state("job_files"),
+            "jobs": from_state("jobs"),
+            "infer": from_state("infer"),
+            "webhooks": from_state("webhooks"),
             "keys": from_state("keys"),
             "started_at": Provide(lambda: started_at, sync_to_thread=False),
             "contract": Provide(lambda: contract, sync_to_thread=False),

@@ -214,10 +214,10 @@ def _keys_call(config: str | None, data_dir: str | None, call: Callable[[Any], A
 
     from app.errors import ApiError, InvalidRequest
     from app.services.keys import KeyService
-    from app.store.keys import SqliteStore, db_path
+    from app.store.keys import SqlKeyStore
 
     settings = _settings(config, {"data_dir": data_dir})
-    store = SqliteStore(db_path(settings.data_dir))
+    store = SqlKeyStore(settings.database())
     try:
         return asyncio.run(call(KeyService(store)))
     except InvalidRequest as e:

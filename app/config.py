@@ -155,6 +155,21 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ),
     ] = ""
 
+    project: Annotated[
+        str, _doc("Project the model belongs to in the custom-models inference API (/infer_api/v1/projects).")
+    ] = "default"
+    sample_images: Annotated[
+        list[str], _doc("Image files that show what the model makes (/infer_api/v1/.../models/{name}/images).")
+    ] = msgspec.field(default_factory=list)
+    trigger_words: Annotated[
+        list[str], _doc("Words the model was trained to respond to; the prompt enhancer keeps them in the prompt.")
+    ] = msgspec.field(default_factory=list)
+    style: Annotated[str, _doc("Style words the prompt enhancer adds for this model.")] = ""
+    enhance_template: Annotated[
+        str,
+        _doc("Prompt enhancer template with {prompt} (and optionally {style}, {trigger}); empty: the built-in one."),
+    ] = ""
+
     def size_limits_text(self) -> str:
         return f"{self.min_side}-{self.max_side} px, multiples of {self.size_multiple}"
 
@@ -312,6 +327,55 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         list[str],
         _doc("Origins (https://app.example.com, or *) whose pages may call the API; empty: same origin only."),
     ] = msgspec.field(default_factory=list)
+
+    database_url: Annotated[
+        str,
+        _doc(
+            "SQLAlchemy URL of the database that keeps keys, usage and jobs (postgresql://... for several gateway "
+            "replicas); empty: an SQLite file in data_dir."
+        ),
+    ] = ""
+    job_share: Annotated[
+        float, _doc("Share (0-1] of each model's worker capacity that asynchronous jobs may use at once.")
+    ] = 0.5
+    job_lease: Annotated[
+        float, _doc("Seconds a running job's claim lasts without renewal; an expired claim puts the job back.")
+    ] = 30.0
+    job_max_attempts: Annotated[
+        int, _doc("Times a job is started before a lost run (worker or gateway gone) fails it with worker_lost.")
+    ] = 3
+    job_queue_timeout: Annotated[float, _doc("Seconds a job may wait in the queue before it expires.")] = 86400.0
+    job_retention: Annotated[
+        float, _doc("Seconds a job, its result files and its idempotency key are kept after it was submitted.")
+    ] = 86400.0
+    job_poll_interval: Annotated[
+        float, _doc("Seconds between looks for jobs that another gateway replica submitted or released.")
+    ] = 1.0
+    webhook_allowlist: Annotated[
+        list[str],
+        _doc("Hosts, addresses or CIDR networks webhooks may reach although private, loopback or link-local."),
+    ] = msgspec.field(default_factory=list)
+    webhook_retry_schedule: Annotated[
+        list[float],
+        _doc("Seconds after a failed webhook attempt before the next one, one entry per retry (then it fails)."),
+    ] = msgspec.field(default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400])
+    webhook_timeout: Annotated[float, _doc("Seconds a webhook receiver has to answer one delivery.")] = 15.0
+    webhook_progress_interval: Annotated[float, _doc("Fewest seconds between two progress webhooks of one job.")] = 2.0
+    enhancer_url: Annotated[
+        str,
+        _doc(
+            "Base URL (up to /v1) of an OpenAI-compatible chat completions API that enhances prompts; empty: the "
+            "built-in template enhancer."
+        ),
+    ] = ""
+    enhancer_model: Annotated[str, _doc("Model the prompt enhancer asks for at enhancer_url.")] = ""
+    enhancer_api_key_env: Annotated[
+        str, _doc("Environment variable holding the key for enhancer_url; empty: no key sent.")
+    ] = ""
+
+    def database(self) -> str:
+        """The database URL, or the SQLite file in the data directory."""
+        return self.database_url or str(Path(self.data_dir) / "imagegate.db")
 
     def resolved_models(self) -> list[ModelConfig]:
         return self.models or [demo_model(self.data_dir)]
@@ -506,6 +570,13 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"{where}: quality_steps maps low/medium/high to fractions in (0, 1]")
         if m.max_batch_pixels < 0:
             raise ConfigError(f"{where}: max_batch_pixels must be >= 0")
+        if m.enhance_template:
+            from app.services.enhance import check_template  # here: config is imported before any service
+
+            try:
+                check_template(m.enhance_template)
+            except ValueError as e:
+                raise ConfigError(f"{where}: enhance_template: {e}") from None
     _validate_pool(settings, seen)
 
 
@@ -534,3 +605,15 @@ def _validate_pool(settings: Settings, models: set[str]) -> None:
         raise ConfigError("need cooldown_failures >= 1, cooldown_window > 0 and cooldown_seconds >= 0")
     if settings.batch_window_ms < 0 or settings.drain_timeout < 0 or settings.health_interval <= 0:
         raise ConfigError("batch_window_ms and drain_timeout must be >= 0, health_interval > 0")
+    if not 0 < settings.job_share <= 1:
+        raise ConfigError("job_share must be in (0, 1]")
+    if settings.job_max_attempts < 1 or settings.job_lease <= 0 or settings.job_poll_interval <= 0:
+        raise ConfigError("need job_max_attempts >= 1, job_lease > 0 and job_poll_interval > 0")
+    if settings.job_queue_timeout <= 0 or settings.job_retention <= 0:
+        raise ConfigError("job_queue_timeout and job_retention must be > 0")
+    if any(s < 0 for s in settings.webhook_retry_schedule) or settings.webhook_timeout <= 0:
+        raise ConfigError("webhook_retry_schedule entries must be >= 0 and webhook_timeout > 0")
+    if settings.enhancer_url and not (
+        settings.enhancer_url.startswith(("http://", "https://")) and settings.enhancer_model
+    ):
+        raise ConfigError("enhancer_url must be an http(s) URL, and enhancer_model must be set with it")

@@ -89,6 +89,14 @@ class MethodNotAllowed(ApiError):
     type = "invalid_request_error"
 
 
+class Conflict(ApiError):
+    """The resource is not in a state that allows this (a finished job cancelled, an idempotency key reused)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class PayloadTooLarge(ApiError):
     status = 413
     type = "invalid_request_error"

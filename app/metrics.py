@@ -104,6 +104,34 @@ KEY_IMAGES = Counter(
     ["key"],
 )
 
+JOBS_SUBMITTED = Counter("imagegate_jobs_submitted_total", "Asynchronous jobs accepted, by kind.", ["kind"])
+JOBS_FINISHED = Counter(
+    "imagegate_jobs_finished_total",
+    "Jobs that ended here, by kind and status (succeeded, failed, cancelled, expired).",
+    ["kind", "status"],
+)
+JOBS = Gauge(
+    "imagegate_jobs", "Jobs in the store, by kind and status (refreshed every few seconds).", ["kind", "status"]
+)
+JOB_QUEUE_AGE = Gauge("imagegate_job_queue_oldest_age_seconds", "Age of the oldest queued job (0 when none waits).")
+JOB_SECONDS = Histogram(
+    "imagegate_job_duration_seconds",
+    "Time from a job's submission to its end, by kind and status.",
+    ["kind", "status"],
+    buckets=_SECONDS,
+)
+WEBHOOK_DELIVERIES = Counter(
+    "imagegate_webhook_deliveries_total",
+    "Webhook delivery attempts, by outcome (delivered, retry, failed, gone, refused).",
+    ["outcome"],
+)
+WEBHOOK_SECONDS = Histogram(
+    "imagegate_webhook_delivery_seconds",
+    "Time a webhook receiver took to answer one delivery attempt.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+WEBHOOK_OUTBOX = Gauge("imagegate_webhook_outbox_depth", "Webhook deliveries waiting to be sent or retried.")
+
 
 @dataclass
 class RequestTiming:

@@ -7,6 +7,8 @@ A failure after the 200 becomes an ``error`` event with a top-level ``error`` ob
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import msgspec
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -14,7 +16,6 @@ from sse_starlette import EventSourceResponse
 
 from app.errors import ApiError, Cancelled, ErrorEvent
 from app.protocol.images import encode_json
-from app.services.images import EventStream
 
 log = logging.getLogger("imagegate.sse")
 
@@ -30,7 +31,14 @@ def _error_frame(error: ApiError) -> bytes:
     return frame("error", ErrorEvent(error=error.body()))
 
 
-def event_stream(events: EventStream, ping_interval: float) -> ASGIApp:
+class Events(Protocol):
+    """Events with a ``type`` (an image request's, a job's), closed when the response ends however it ends."""
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+    async def aclose(self) -> None: ...
+
+
+def event_stream(events: Events, ping_interval: float) -> ASGIApp:
     """An ASGI app streaming ``events`` as SSE with keep-alive comments; it always closes ``events``."""
 
     async def frames():

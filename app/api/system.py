@@ -10,7 +10,7 @@ from app.errors import NotFound
 from app.pool import Pool
 from app.protocol.images import Model, ModelList
 from app.services.images import ImageService
-from app.store.files import MEDIA_TYPES, ROUTE, ImageFiles
+from app.store.files import JOB_ROUTE, MEDIA_TYPES, ROUTE, ImageFiles
 
 
 class ReadyBackend(msgspec.Struct):
@@ -76,11 +76,21 @@ class SystemController(Controller):
     async def image_file(
         self, name: str, files: ImageFiles, expires: str | None = None, signature: str | None = None
     ) -> File:
-        path = files.resolve(name, expires, signature)
-        if path is None:
-            raise NotFound("This image URL is invalid or has expired.")
-        return File(
-            path,
-            media_type=MEDIA_TYPES.get(path.suffix[1:], "application/octet-stream"),
-            content_disposition_type="inline",
-        )
+        return _signed_file(files, name, expires, signature)
+
+    @get(f"{JOB_ROUTE}/{{name:str}}", operation_id="jobFile", media_type=MediaType.TEXT)
+    async def job_file(
+        self, name: str, job_files: ImageFiles, expires: str | None = None, signature: str | None = None
+    ) -> File:
+        return _signed_file(job_files, name, expires, signature)
+
+
+def _signed_file(files: ImageFiles, name: str, expires: str | None, signature: str | None) -> File:
+    path = files.resolve(name, expires, signature)
+    if path is None:
+        raise NotFound("This image URL is invalid or has expired.")
+    return File(
+        path,
+        media_type=MEDIA_TYPES.get(path.suffix[1:], "application/octet-stream"),
+        content_disposition_type="inline",
+    )

@@ -35,7 +35,7 @@ MAX_FIELD_BYTES = 256 * 1024
 
 _IMAGE_FIELDS = ("image", "image[]")
 _MASK_FIELDS = ("mask", "mask[]")
-_LIST_FIELDS = ("fallbacks",)
+_LIST_FIELDS = ("fallbacks", "webhook_events")
 
 
 @dataclass
@@ -43,6 +43,10 @@ class Upload:
     fields: Any
     images: list[InputImage]
     mask: InputImage | None = None
+
+    def close(self) -> None:
+        for i in [*self.images, *([self.mask] if self.mask else [])]:
+            i.close()
 
 
 def _convert(data: Any, cls: type[S]) -> S:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage
@@ -20,6 +22,7 @@ from app.errors import PermissionDenied, QuotaExceeded, RateLimited
 from app.store.keys import KeyStore
 
 log = logging.getLogger("imagegate.auth")
+T = TypeVar("T")
 
 MAX_ALIAS_LABELS = 100
 USAGE_WRITE_INTERVAL = 0.05
@@ -85,7 +88,27 @@ class Guard:
     _flusher: asyncio.Task[None] | None = None
     _aliases: set[str] = field(default_factory=set)
 
+    reserved: Callable[[str], int] | None = None
+    """Images that a principal's unfinished jobs hold against its quota (the job store's count), if jobs exist."""
+
     async def admit(self, principal: Principal, model: str, n: int) -> Ticket:
+        async with self._checked(principal, model, n, concurrent=True):
+            pid = principal.id
+            self._in_flight[pid] += 1
+            self._held[pid] += n
+        return Ticket(self, principal, n)
+
+    async def reserve(self, principal: Principal, model: str, n: int, commit: Callable[[], Awaitable[T]]) -> T:
+        """Admit a job: the checks of :meth:`admit` but the concurrency one, then ``commit()`` under the same lock.
+
+        A queued job does not count as in flight; its images count against the quota from the moment ``commit``
+        stored it (see :attr:`reserved`) until it ends and its usage is written, in one transaction.
+        """
+        async with self._checked(principal, model, n, concurrent=False):
+            return await commit()
+
+    @contextlib.asynccontextmanager
+    async def _checked(self, principal: Principal, model: str, n: int, *, concurrent: bool) -> AsyncIterator[None]:
         if not principal.allows(model):
             metrics.LIMIT_REJECTIONS.labels("model").inc()
             raise PermissionDenied(
@@ -93,7 +116,7 @@ class Guard:
             )
         pid = principal.id
         async with self._locks[pid]:
-            if principal.max_concurrent is not None and self._in_flight[pid] >= principal.max_concurrent:
+            if concurrent and principal.max_concurrent is not None and self._in_flight[pid] >= principal.max_concurrent:
                 metrics.LIMIT_REJECTIONS.labels("concurrency").inc()
                 raise RateLimited(
                     f"This key already has {principal.max_concurrent} requests in flight; wait for one to finish.",
@@ -102,6 +125,8 @@ class Guard:
             if principal.image_quota is not None:
                 start, end = period_bounds(principal.quota_period, self.clock())
                 used = (await self.store.usage(pid, since=start)).images + self._held[pid]
+                if self.reserved is not None:
+                    used += self.reserved(pid)
                 if used + n > principal.image_quota:
                     metrics.LIMIT_REJECTIONS.labels("quota").inc()
                     raise QuotaExceeded(
@@ -118,24 +143,26 @@ class Guard:
                         f"This key is limited to {principal.rpm} requests per minute.",
                         retry_after=max(1.0, reset - time.time()),
                     )
-            self._in_flight[pid] += 1
-            self._held[pid] += n
-        return Ticket(self, principal, n)
+            yield
 
     def _finish(self, ticket: Ticket, images: int, pixel_steps: int) -> None:
         p = ticket.principal
         self._in_flight[p.id] -= 1
         self._held[p.id] -= ticket.reserved - images  # delivered images stay held until their row is written
-        if images:
-            if p.alias not in self._aliases and len(self._aliases) < MAX_ALIAS_LABELS:
-                self._aliases.add(p.alias)
-            metrics.KEY_IMAGES.labels(p.alias if p.alias in self._aliases else "other").inc(images)
+        self.count_images(p.alias, images)
         row = self._pending.setdefault((p.id, self.clock() // 3600 * 3600), [0, 0, 0])
         row[0] += 1
         row[1] += images
         row[2] += pixel_steps
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    def count_images(self, alias: str, images: int) -> None:
+        """Count delivered images per key alias (the first :data:`MAX_ALIAS_LABELS` aliases, then ``other``)."""
+        if images:
+            if alias not in self._aliases and len(self._aliases) < MAX_ALIAS_LABELS:
+                self._aliases.add(alias)
+            metrics.KEY_IMAGES.labels(alias if alias in self._aliases else "other").inc(images)
 
     async def _flush(self) -> None:
         """Write the pending usage in one transaction, every :data:`USAGE_WRITE_INTERVAL` until none is left.

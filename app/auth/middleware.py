@@ -1,7 +1,8 @@
-"""Authentication for ``/v1`` and ``/admin`` (and ``/metrics`` when configured): puts a principal on the request.
+"""Authentication for ``/v1``, ``/infer_api``, ``/admin`` (and ``/metrics`` if configured): the request's principal.
 
 ``/health``, ``/ready``, ``/openapi.yaml``, signed image files and CORS preflights need no credential. Refusals
-are OpenAI-shaped errors (401 with ``WWW-Authenticate``, 403 for a non-admin on ``/admin``).
+are OpenAI-shaped errors (401 with ``WWW-Authenticate``, 403 for a non-admin on ``/admin`` and on
+``/infer_api/v1/secure-route``, the inference API's admin-only check).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def _protected(path: str, metrics_admin: bool) -> tuple[bool, bool]:
         return True, True
     if path == "/metrics":
         return metrics_admin, metrics_admin
+    if path.startswith("/infer_api/") or path == "/infer_api":
+        return True, path == "/infer_api/v1/secure-route"
     return path.startswith("/v1/") or path == "/v1", False
 
 

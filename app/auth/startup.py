@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from app.auth.principals import Authenticator, is_loopback
 from app.config import Settings
-from app.store.keys import SqliteStore, db_path
+from app.store.keys import SqlKeyStore
 
 
 class InsecureBind(Exception):
@@ -13,7 +13,7 @@ class InsecureBind(Exception):
 
 def has_credentials(settings: Settings) -> bool:
     """The same test the gateway applies on each request: a usable static credential, or any virtual key."""
-    store = SqliteStore(db_path(settings.data_dir))
+    store = SqlKeyStore(settings.database())
     try:
         return Authenticator(settings, store).configured or bool(store.keys_sync())
     finally:

@@ -29,9 +29,17 @@ class Fallback(msgspec.Struct, kw_only=True):
 
 
 Fallbacks = Annotated[list[str | Fallback], Meta(max_length=10)]
+WebhookEvent = Literal["started", "progress", "completed"]
 
 
-class _ImageOptions(msgspec.Struct, kw_only=True):
+class _JobOptions(msgspec.Struct, kw_only=True):
+    """Fields that only an asynchronous request (``Prefer: respond-async``) may carry."""
+
+    webhook_url: Annotated[str, Meta(max_length=2048)] | None = None
+    webhook_events: Annotated[list[WebhookEvent], Meta(max_length=3)] | None = None
+
+
+class _ImageOptions(_JobOptions, kw_only=True):
     """The fields generations and edits share."""
 
     model: str | None = None
@@ -85,7 +93,7 @@ class ImageEditJsonRequest(ImageEditRequest, kw_only=True):
     mask: ImageRef | None = None
 
 
-class ImageVariationRequest(msgspec.Struct, kw_only=True):
+class ImageVariationRequest(_JobOptions, kw_only=True):
     """The fields of ``POST /v1/images/variations`` besides the image."""
 
     model: str | None = None

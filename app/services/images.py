@@ -150,6 +150,13 @@ class ImageService:
 
     # -- models -------------------------------------------------------------------------------------------------
 
+    def served(self) -> list[str]:
+        """The names of the served models."""
+        return list(self._models)
+
+    def config(self, name: str) -> ModelConfig:
+        return self._model(name)
+
     def models(self, principal: Principal, created: int) -> ModelList:
         return ModelList(data=[self.describe(name, created) for name in self._models if principal.allows(name)])
 
@@ -533,13 +540,16 @@ class ImageService:
         return await self.respond(self.prepare_variation(req, images), base_url, principal, req.fallbacks)
 
     async def _admit(
-        self, job: Job, principal: Principal, fallbacks: list[str | Fallback] | None
+        self, job: Job, principal: Principal, fallbacks: list[str | Fallback] | None, *, guarded: bool = True
     ) -> tuple[Job, Dispatch]:
-        """The principal's limits first, then a place on a backend; on refusal everything is given back."""
+        """The principal's limits first (unless a job's were checked at submission), then a place on a backend.
+
+        On refusal everything is given back.
+        """
         ticket = None
         try:
             models = self._fallbacks(job, fallbacks, principal)
-            if self.guard is not None:
+            if self.guard is not None and guarded:
                 ticket = await self.guard.admit(principal, job.params.model, job.params.n)
             dispatch = Dispatch(
                 self.pool,
@@ -618,6 +628,24 @@ class ImageService:
             background=job.background,
             usage=job.usage(prompt_tokens, len(images)),
         )
+
+    def check_fallbacks(self, job: Job, fallbacks: list[str | Fallback] | None, principal: Principal) -> None:
+        """Refuse fallbacks the principal may not use or that do not exist (a job checks them when submitted)."""
+        self._fallbacks(job, fallbacks, principal)
+
+    async def run_job(
+        self, job: Job, principal: Principal, fallbacks: list[str | Fallback] | None
+    ) -> AsyncIterator[WorkerEvent]:
+        """The events of a submitted job, run like a request whose limits were checked when it was submitted.
+
+        Raises:
+            Overloaded, Unavailable: no backend can take it now (the job waits in its queue for another try).
+            ApiError: the job failed.
+        """
+        job, dispatch = await self._admit(job, principal, fallbacks, guarded=False)
+        async with contextlib.aclosing(self._events(job, dispatch, streamed=False)) as events:
+            async for event in events:
+                yield event
 
     async def open_stream(
         self, job: Job, principal: Principal = ANONYMOUS, fallbacks: list[str | Fallback] | None = None

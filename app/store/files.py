@@ -17,6 +17,8 @@ log = logging.getLogger("imagegate.files")
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 ROUTE = "/files/images"
+JOB_ROUTE = "/files/jobs"
+"""Files of job results: kept for the job's retention, not the URL lifetime."""
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -42,8 +44,9 @@ class ImageFiles:
     once its URL can no longer be valid.
     """
 
-    def __init__(self, directory: Path, secret: bytes, ttl: int, clock=time.time) -> None:
+    def __init__(self, directory: Path, secret: bytes, ttl: int, clock=time.time, route: str = ROUTE) -> None:
         self.directory = directory
+        self.route = route
         self.secret = secret
         self.ttl = ttl
         self.clock = clock
@@ -60,10 +63,11 @@ class ImageFiles:
     def _signature(self, name: str, expires: int) -> str:
         return hmac.new(self.secret, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
 
-    def url(self, base: str, name: str) -> str:
-        expires = int(self.clock()) + self.ttl
+    def url(self, base: str, name: str, expires: int | None = None) -> str:
+        """A signed URL of the file ``name``, valid for the URL lifetime or until ``expires`` (unix seconds)."""
+        expires = int(self.clock()) + self.ttl if expires is None else expires
         query = urlencode({"expires": expires, "signature": self._signature(name, expires)})
-        return f"{base.rstrip('/')}{ROUTE}/{name}?{query}"
+        return f"{base.rstrip('/')}{self.route}/{name}?{query}"
 
     def resolve(self, name: str, expires: str | None, signature: str | None) -> Path | None:
         """The file behind a signed URL, or None when the signature is wrong, expired, or the file is gone."""

@@ -1,53 +1,23 @@
-"""Virtual keys and usage, behind a small store interface; embedded SQLite (WAL) by default.
+"""Virtual keys and usage, behind a small store interface, on the shared database (:mod:`app.store.db`).
 
 Keys are stored as SHA-256 digests only. ``version`` counts every change to keys, so a process that caches keys
 (the gateway) sees a revocation made elsewhere (another replica, the CLI) on its very next lookup.
-A PostgreSQL store for several gateway replicas fills the same :class:`KeyStore` interface.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import msgspec
+from sqlalchemy import Connection, Row, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-T = TypeVar("T")
-
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE keys (
-        id TEXT PRIMARY KEY,
-        alias TEXT NOT NULL,
-        digest TEXT NOT NULL UNIQUE,
-        prefix TEXT NOT NULL,
-        models TEXT NOT NULL,
-        rpm INTEGER,
-        max_concurrent INTEGER,
-        image_quota INTEGER,
-        quota_period TEXT NOT NULL,
-        expires_at REAL,
-        active INTEGER NOT NULL,
-        created_at REAL NOT NULL,
-        revoked_at REAL
-    );
-    CREATE TABLE usage (
-        principal TEXT NOT NULL,
-        hour INTEGER NOT NULL,
-        requests INTEGER NOT NULL DEFAULT 0,
-        images INTEGER NOT NULL DEFAULT 0,
-        pixel_steps INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (principal, hour)
-    );
-    CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-    INSERT INTO meta VALUES ('keys_version', 0);
-    """,
-]
+from app.store.db import Database
+from app.store.schema import keys, meta, usage
 
 
 class KeyRecord(msgspec.Struct, kw_only=True):
@@ -92,144 +62,118 @@ class KeyStore(Protocol):
     def close(self) -> None: ...
 
 
-_COLUMNS = [f for f in msgspec.structs.fields(KeyRecord)]
-_NAMES = [f.name for f in _COLUMNS]
+_NAMES = [f.name for f in msgspec.structs.fields(KeyRecord)]
+_VERSION = select(meta.c.value).where(meta.c.name == "keys_version")
 
 
-def _row(row: sqlite3.Row | None) -> KeyRecord | None:
+def _record(row: Row | None) -> KeyRecord | None:
     if row is None:
         return None
-    data = dict(row)
+    data = row._asdict()
     data["models"] = msgspec.json.decode(data["models"])
     data["active"] = bool(data["active"])
     return KeyRecord(**data)
 
 
-DB_NAME = "imagegate.db"
+def _bump(conn: Connection) -> None:
+    conn.execute(update(meta).where(meta.c.name == "keys_version").values(value=meta.c.value + 1))
 
 
-def db_path(data_dir: str | Path) -> Path:
-    """Where the embedded store lives in a data directory."""
-    return Path(data_dir) / DB_NAME
+def add_usage(conn: Connection, rows: Sequence[UsageRow]) -> None:
+    """Add each (principal, time, requests, images, pixel_steps) to its hour's row, within ``conn``'s transaction."""
+    if not rows:
+        return
+    upsert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(usage)
+    statement = upsert.on_conflict_do_update(
+        index_elements=[usage.c.principal, usage.c.hour],
+        set_={
+            "requests": usage.c.requests + upsert.excluded.requests,
+            "images": usage.c.images + upsert.excluded.images,
+            "pixel_steps": usage.c.pixel_steps + upsert.excluded.pixel_steps,
+        },
+    )
+    conn.execute(
+        statement,
+        [
+            {"principal": p, "hour": int(at // 3600), "requests": r, "images": i, "pixel_steps": s}
+            for p, at, r, i, s in rows
+        ],
+    )
 
 
-class SqliteStore:
-    """The store in one SQLite file, in WAL mode so readers never wait for the writer."""
+class SqlKeyStore:
+    """Keys and usage in the shared database.
 
-    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
-        # Lookups on every request run on the event loop through a connection of their own: in WAL mode a reader
-        # never waits for the writer, and an indexed read costs microseconds, less than a hop to a thread.
-        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._reader.row_factory = sqlite3.Row
+    Args:
+        db: the database, or the path/URL of one to open (then this store owns it and closes it).
+    """
 
-    def _migrate(self) -> None:
-        with self._lock:
-            current = self._db.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                self._db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
-
-    def _call(self, fn: Callable[[], T]) -> T:
-        with self._lock:
-            return fn()
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.to_thread(self._call, fn)
-
-    def _transaction(self, work: Callable[[], T]) -> T:
-        """Run ``work`` in one write transaction: committed whole, or rolled back whole."""
-
-        def go() -> T:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work()
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return result
-
-        return self._call(go)
-
-    def _bump(self) -> None:
-        self._db.execute("UPDATE meta SET value = value + 1 WHERE name = 'keys_version'")
+    def __init__(self, db: Database | str | Path) -> None:
+        self._owned = not isinstance(db, Database)
+        self.db = Database(db) if not isinstance(db, Database) else db
 
     # -- sync API (the CLI uses these directly) --------------------------------------------------------------
 
     def version_sync(self) -> int:
-        return self._call(lambda: self._db.execute("SELECT value FROM meta WHERE name='keys_version'").fetchone()[0])
+        return self.db.read(lambda c: c.execute(_VERSION).scalar_one())
 
     def add_key_sync(self, record: KeyRecord) -> None:
         values = msgspec.structs.asdict(record)
         values["models"] = msgspec.json.encode(record.models).decode()
 
-        def go() -> None:
-            self._db.execute(
-                f"INSERT INTO keys ({', '.join(_NAMES)}) VALUES ({', '.join('?' for _ in _NAMES)})",
-                [values[n] for n in _NAMES],
-            )
-            self._bump()
+        def go(conn: Connection) -> None:
+            conn.execute(insert(keys).values(values))
+            _bump(conn)
 
-        self._transaction(go)
+        self.db.write(go)
 
     def key_sync(self, key_id: str) -> KeyRecord | None:
-        return self._call(lambda: _row(self._db.execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone()))
+        return self.db.read(lambda c: _record(c.execute(select(keys).where(keys.c.id == key_id)).first()))
 
     def keys_sync(self) -> list[KeyRecord]:
-        rows = self._call(lambda: self._db.execute("SELECT * FROM keys ORDER BY created_at").fetchall())
-        return [r for r in (_row(row) for row in rows) if r is not None]
+        rows = self.db.read(lambda c: c.execute(select(keys).order_by(keys.c.created_at)).all())
+        return [r for r in map(_record, rows) if r is not None]
 
     def update_key_sync(self, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
         allowed = {k: v for k, v in changes.items() if k in _NAMES and k not in ("id", "digest", "prefix")}
         if "models" in allowed:
             allowed["models"] = msgspec.json.encode(allowed["models"]).decode()
 
-        def go() -> KeyRecord | None:
-            if allowed:
-                sets = ", ".join(f"{k} = ?" for k in allowed)
-                if self._db.execute(f"UPDATE keys SET {sets} WHERE id = ?", [*allowed.values(), key_id]).rowcount:
-                    self._bump()
-            return _row(self._db.execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone())
+        def go(conn: Connection) -> KeyRecord | None:
+            if allowed and conn.execute(update(keys).where(keys.c.id == key_id).values(allowed)).rowcount:
+                _bump(conn)
+            return _record(conn.execute(select(keys).where(keys.c.id == key_id)).first())
 
-        return self._transaction(go)
+        return self.db.write(go)
 
     def delete_key_sync(self, key_id: str) -> bool:
-        def go() -> bool:
-            deleted = self._db.execute("DELETE FROM keys WHERE id = ?", (key_id,)).rowcount > 0
+        def go(conn: Connection) -> bool:
+            deleted = conn.execute(delete(keys).where(keys.c.id == key_id)).rowcount > 0
             if deleted:
-                self._bump()
+                _bump(conn)
             return deleted
 
-        return self._transaction(go)
+        return self.db.write(go)
 
     def usage_sync(self, principal: str, since: float = 0.0) -> Usage:
-        row = self._call(
-            lambda: self._db.execute(
-                "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(images), 0), COALESCE(SUM(pixel_steps), 0) "
-                "FROM usage WHERE principal = ? AND hour >= ?",
-                (principal, int(since // 3600)),
-            ).fetchone()
-        )
+        query = select(
+            func.coalesce(func.sum(usage.c.requests), 0),
+            func.coalesce(func.sum(usage.c.images), 0),
+            func.coalesce(func.sum(usage.c.pixel_steps), 0),
+        ).where(usage.c.principal == principal, usage.c.hour >= int(since // 3600))
+        row = self.db.read(lambda c: c.execute(query).one())
         return Usage(requests=row[0], images=row[1], pixel_steps=row[2])
 
     # -- async API (the gateway) -----------------------------------------------------------------------------
 
     async def version(self) -> int:
-        return self._reader.execute("SELECT value FROM meta WHERE name = 'keys_version'").fetchone()[0]
+        return self.db.reader.execute(_VERSION).scalar_one()
 
     async def add_key(self, record: KeyRecord) -> None:
         await asyncio.to_thread(self.add_key_sync, record)
 
     async def key_by_digest(self, digest: str) -> KeyRecord | None:
-        return _row(self._reader.execute("SELECT * FROM keys WHERE digest = ?", (digest,)).fetchone())
+        return _record(self.db.reader.execute(select(keys).where(keys.c.digest == digest)).first())
 
     async def key(self, key_id: str) -> KeyRecord | None:
         return await asyncio.to_thread(self.key_sync, key_id)
@@ -244,25 +188,15 @@ class SqliteStore:
         return await asyncio.to_thread(self.delete_key_sync, key_id)
 
     async def has_keys(self) -> bool:
-        return self._reader.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None
+        return self.db.reader.execute(select(keys.c.id).limit(1)).first() is not None
 
     async def record_usage(self, rows: Sequence[UsageRow]) -> None:
         """Add each (principal, time, requests, images, pixel_steps) to its hour's row, in one transaction."""
-        values = [(principal, int(at // 3600), *counts) for principal, at, *counts in rows]
-        await asyncio.to_thread(
-            self._transaction,
-            lambda: self._db.executemany(
-                "INSERT INTO usage (principal, hour, requests, images, pixel_steps) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (principal, hour) DO UPDATE SET requests = requests + excluded.requests, "
-                "images = images + excluded.images, pixel_steps = pixel_steps + excluded.pixel_steps",
-                values,
-            ),
-        )
+        await self.db.awrite(lambda conn: add_usage(conn, rows))
 
     async def usage(self, principal: str, since: float = 0.0) -> Usage:
         return await asyncio.to_thread(self.usage_sync, principal, since)
 
     def close(self) -> None:
-        with self._lock:
-            self._reader.close()
-            self._db.close()
+        if self._owned:
+            self.db.close()

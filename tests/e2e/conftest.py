@@ -49,10 +49,10 @@ def alive(pid: int) -> bool:
 class Server:
     """One `python -m app serve` with its own data dir and port; always stopped, workers included."""
 
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data_dir / "serve.log"
+        self.log = data_dir / f"serve-{self.port}-{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "app", "serve", "--port", str(self.port), "--data-dir", str(data_dir), *args]
         environ = None if env is None else {**os.environ, **env}
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=environ)

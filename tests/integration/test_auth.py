@@ -22,7 +22,7 @@ from app.backends.fake import FakeBackend, fake_image
 from app.config import DEMO_MODEL, load_settings
 from app.protocol.admin import KeyCreate
 from app.services.keys import KeyService
-from app.store.keys import SqliteStore
+from app.store.keys import SqlKeyStore
 from tests.helpers import sample
 
 from .conftest import BASE
@@ -348,7 +348,7 @@ def test_anonymous_until_a_virtual_key_exists(tmp_path):
     with gateway(tmp_path) as tc:
         assert generate(tc, {}).status_code == 200
         assert tc.get(KEYS).status_code == 200  # anonymous is everything, the admin API included
-        store = SqliteStore(tmp_path / "imagegate.db")  # as the CLI would: another connection to the same file
+        store = SqlKeyStore(tmp_path / "imagegate.db")  # as the CLI would: another connection to the same file
         try:
             created = asyncio.run(KeyService(store).create(KeyCreate(alias="first")))
             refused = generate(tc, {})

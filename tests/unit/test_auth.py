@@ -1,4 +1,4 @@
-"""The Authenticator, Principal and Guard on their own, over a SqliteStore in a temporary directory."""
+"""The Authenticator, Principal and Guard on their own, over a SqlKeyStore in a temporary directory."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from app.auth.guard import Guard, period_bounds
 from app.auth.principals import Authenticator, Principal, digest, hash_password, new_key
 from app.config import load_settings
 from app.errors import PermissionDenied, QuotaExceeded, RateLimited, Unauthorized
-from app.store.keys import KeyRecord, SqliteStore, Usage
+from app.store.keys import KeyRecord, SqlKeyStore, Usage
 
 ADMIN_KEY = "sk-admin-unit-" + "a" * 32
 STATIC_KEY = "sk-static-unit-" + "b" * 32
@@ -39,7 +39,7 @@ def bearer(key: str) -> dict[str, str]:
 
 @pytest.fixture
 def store(tmp_path):
-    s = SqliteStore(tmp_path / "imagegate.db")
+    s = SqlKeyStore(tmp_path / "imagegate.db")
     yield s
     s.close()
 
@@ -57,7 +57,7 @@ def configured(**limits: Any) -> dict[str, Any]:
     }
 
 
-async def add_virtual(store: SqliteStore, **fields: Any) -> tuple[str, KeyRecord]:
+async def add_virtual(store: SqlKeyStore, **fields: Any) -> tuple[str, KeyRecord]:
     key = new_key()
     fields = {"models": ["*"], **fields}
     record = KeyRecord(id=f"key_{key[-8:]}", alias="vk", digest=digest(key), prefix=key[:10], created_at=NOW, **fields)
@@ -246,7 +246,7 @@ async def test_expiry_and_revocation_follow_the_clock_and_the_store(tmp_path, st
             await auth.authenticate(headers)
         assert reason_of(refused.value) == "expired"
     now[0] = NOW
-    other = SqliteStore(tmp_path / "imagegate.db")  # another process (the CLI) revokes it
+    other = SqlKeyStore(tmp_path / "imagegate.db")  # another process (the CLI) revokes it
     try:
         await other.update_key(record.id, {"active": False, "revoked_at": NOW})
         with pytest.raises(Unauthorized) as refused:

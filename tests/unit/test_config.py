@@ -280,10 +280,17 @@ def test_scalar_fields_types():
     assert fields["log_level"] is str  # a Literal of strings is a string flag
     assert fields["default_response_format"] is str
     assert "models" not in fields  # list fields take JSON, not a flag
-    tables = {"models", "api_keys", "users", "upstreams", "backend_weights"}  # file or JSON env only
+    tables = {
+        "models",
+        "api_keys",
+        "users",
+        "upstreams",
+        "backend_weights",
+        "webhook_retry_schedule",
+    }  # file or JSON env
     assert set(fields) | set(list_fields()) == {f.name for f in msgspec.structs.fields(Settings)} - tables
     assert fields["allow_anonymous"] is bool
-    assert set(list_fields()) == {"image_url_allowlist", "cors_origins"}
+    assert set(list_fields()) == {"image_url_allowlist", "cors_origins", "webhook_allowlist"}
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ constraints and enums as the contract's schema of the same name, the upload rout
 the structs they are decoded into (plus their file parts), and each operation's ``security`` is what the auth
 middleware enforces on its path. Live checks: what the app actually answers (JSON, SSE frames, errors, headers),
 anonymous and with credentials (admin key, virtual keys in every header, Basic users, per-key limits, the admin
-API), validates against the contract. No torch: the backend is :class:`FakeBackend`.
+API, asynchronous jobs and their events, the custom-models inference API), validates against the contract. No torch:
+the backend is :class:`FakeBackend`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from app.config import DEMO_MODEL, Settings, load_settings
 from app.errors import ErrorBody, ErrorEvent, ErrorResponse
 from app.protocol import admin as admin_protocol
 from app.protocol import images as protocol
+from app.protocol import infer as infer_protocol
+from app.protocol import jobs as jobs_protocol
 from app.worker.protocol import SCHEDULERS
 
 
@@ -56,12 +59,16 @@ def module_structs(module: Any) -> list[type[msgspec.Struct]]:
     ]
 
 
-# Every struct of app.protocol.images and app.protocol.admin is a public wire type, so each must be in the contract.
+# Every struct of the app.protocol modules is a public wire type, so each must be in the contract.
 PROTOCOL_STRUCTS = module_structs(protocol)
 ADMIN_STRUCTS = module_structs(admin_protocol)
+JOB_STRUCTS = module_structs(jobs_protocol)
+INFER_STRUCTS = module_structs(infer_protocol)
 WIRE_STRUCTS: list[type[msgspec.Struct]] = [
     *PROTOCOL_STRUCTS,
     *ADMIN_STRUCTS,
+    *JOB_STRUCTS,
+    *INFER_STRUCTS,
     ErrorResponse,
     ErrorBody,
     ErrorEvent,
@@ -78,6 +85,8 @@ REQUEST_STRUCTS = {
     protocol.ImageVariationRequest,
     admin_protocol.KeyCreate,
     admin_protocol.KeyUpdate,
+    infer_protocol.GenerationRequest,
+    infer_protocol.EnhancePromptRequest,
 }
 # Routes that read their body themselves (app/api/uploads.py) instead of through a ``data`` argument:
 # operationId -> {media type: (the contract's body schema, the struct app/api/uploads.py decodes it into)}.
@@ -92,6 +101,18 @@ UPLOAD_BODIES: dict[str, dict[str, tuple[str, type[msgspec.Struct]]]] = {
 }
 # The file parts each multipart body declares besides its struct's fields (all of them names uploads.py reads).
 MULTIPART_FILES = {"imageEdit": {"image", "image[]", "mask"}, "imageVariation": {"image", "image[]"}}
+# Header parameters each handler reads from the request itself (app/api/images.py, app/api/infer.py), lower case.
+HEADER_PARAMETERS = {
+    **dict.fromkeys(("imageGeneration", "imageEdit", "imageVariation"), ("prefer", "idempotency-key")),
+    "inferCreateGeneration": ("idempotency-key",),
+}
+# 2xx statuses a handler answers besides its declared ``status_code``, through a ``Response`` of its own: a job
+# (``Prefer: respond-async``), a cancel still under way, a result not ready yet.
+OTHER_SUCCESSES = {
+    **dict.fromkeys(("imageGeneration", "imageEdit", "imageVariation"), ("202",)),
+    "cancelJob": ("202",),
+    "inferGenerationResult": ("202",),
+}
 # Each streamed route's event union and the prefix of its image events' ``type`` (app/services/images.py).
 STREAM_UNIONS = {"ImageGenStreamEvent": "image_generation", "ImageEditStreamEvent": "image_edit"}
 # Contract schemas with no struct of their own name behind them: the SSE unions, the multipart bodies (a struct
@@ -100,6 +121,7 @@ SCHEMAS_WITHOUT_STRUCT = {
     *STREAM_UNIONS,
     "ImageGenServerSentEvent",  # an SSE event's fields (event, data): sse.py frames them, data is the union
     "ImageEditServerSentEvent",
+    "JobServerSentEvent",  # a job event's SSE fields; data is a JobEvent
     *(name for bodies in UPLOAD_BODIES.values() for name, struct in bodies.values() if name != struct.__name__),
     "Health",
 }
@@ -568,11 +590,17 @@ def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
                 continue
             where_in = "path" if name in path_params else "query"
             code_params[(where_in, name)] = where_in == "path" or not param.has_default
-        spec_params = {(p["in"], p["name"]): bool(p.get("required")) for p in op.get("parameters", [])}
+        declared = [resolve(spec, p["$ref"]) if "$ref" in p else p for p in op.get("parameters", [])]
+        spec_params = {(p["in"], p["name"]): bool(p.get("required")) for p in declared if p["in"] != "header"}
         if code_params != spec_params:
             problems.append(
                 f"{where}: parameters (in, name): required are {spec_params} in openapi.yaml, {code_params} in code"
             )
+        # Header parameters: those the handler reads from the request itself (HEADER_PARAMETERS), all optional.
+        spec_headers = {p["name"].lower(): bool(p.get("required")) for p in declared if p["in"] == "header"}
+        code_headers = dict.fromkeys(HEADER_PARAMETERS.get(handler.operation_id, ()), False)
+        if spec_headers != code_headers:
+            problems.append(f"{where}: header parameters are {spec_headers} in openapi.yaml, {code_headers} in code")
 
         # Request body: the struct behind ``data``, or for upload routes, the bodies app/api/uploads.py reads.
         data = handler.parsed_fn_signature.parameters.get("data")
@@ -597,11 +625,13 @@ def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
             if code_body != ref_name(body):
                 problems.append(f"{where}: request body is {ref_name(body)!r} in openapi.yaml, {code_body!r} in code")
 
-        # The handler's success status (200, 201 for a create, 204 for a delete) is the contract's only 2xx.
+        # The handler's success status (200, 201 for a create, 204 for a delete) is the contract's only 2xx, but for
+        # those the handler answers itself (OTHER_SUCCESSES).
         status = str(handler.status_code)
         successes = sorted(code for code in op["responses"] if code.startswith("2"))
-        if successes != [status]:
-            problems.append(f"{where}: success statuses are {successes} in openapi.yaml, [{status!r}] in code")
+        expected = sorted({status, *OTHER_SUCCESSES.get(handler.operation_id, ())})
+        if successes != expected:
+            problems.append(f"{where}: success statuses are {successes} in openapi.yaml, {expected} in code")
         # Its body, where the handler declares a struct (``Model`` or ``Response[Readiness]``); none for a 204.
         returned = handler.parsed_fn_signature.return_type.annotation
         struct = typing.get_args(returned)[0] if typing.get_origin(returned) is Response else returned
@@ -1284,3 +1314,271 @@ def test_live_anonymous_mode_conforms(app: Litestar, spec: dict[str, Any]) -> No
         refused(client, spec, "GET", "/v1/models", 401, "invalid_api_key")
         refused(client, spec, "GET", KEYS, 401, "invalid_api_key")
         call_checked(client, spec, "GET", "/v1/models", 200, headers=bearer(key))
+
+
+# -- 7. asynchronous jobs and webhook secrets, live ---------------------------------------------------------------
+
+JOBS = "/v1/jobs"
+JOB = "/v1/jobs/{job_id}"
+ASYNC = {"prefer": "respond-async"}
+
+
+def ended(client: TestClient, url: str, headers: dict[str, str] | None = None) -> Any:
+    """Poll ``url`` (a job or a result) until its job has ended; returns the last response."""
+    for _ in range(500):
+        response = client.get(url, headers=headers)
+        if response.json().get("status") not in ("queued", "running"):
+            return response
+        time.sleep(0.01)
+    raise AssertionError(f"the job at {url} did not end: {response.text}")
+
+
+def test_live_jobs_conform(settings: Settings, spec: dict[str, Any]) -> None:
+    cat = {"prompt": "a cat", "size": "64x64", "partial_images": 1, "num_inference_steps": 4}
+    upload = {"image": ("a.png", png(64, 64), "image/png")}
+    with TestClient(fake_app(settings)) as client:
+        # Prefer: respond-async makes each image route answer 202 with the job and its Location.
+        response = client.post(GEN, json=cat, headers={**ASYNC, "idempotency-key": "k1"})
+        assert response.status_code == 202, response.text
+        job = check_response(spec, GEN, "POST", response)
+        assert response.headers["location"] == job["urls"]["get"] and job["status"] == "queued"
+        # The same key and request: the same job (200); with another request: 409.
+        again = post_checked(client, spec, GEN, 200, json=cat, headers={**ASYNC, "idempotency-key": "k1"})
+        assert again["id"] == job["id"]
+        body = post_checked(client, spec, GEN, 409, json={**cat, "n": 2}, headers={**ASYNC, "idempotency-key": "k1"})
+        assert body["error"]["code"] == "idempotency_key_reused"
+        body = post_checked(client, spec, GEN, 400, json={**cat, "webhook_url": "https://example.com/hook"})
+        assert body["error"]["param"] == "webhook_url"
+        edit = post_checked(
+            client,
+            spec,
+            EDITS,
+            202,
+            data={"prompt": "a cat", "webhook_events": "completed"},
+            files=upload,
+            headers=ASYNC,
+        )
+        variation = post_checked(client, spec, VARIATIONS, 202, files=upload, headers=ASYNC)
+        assert (edit["kind"], variation["kind"]) == ("image.edit", "image.variation")
+
+        # The job, its image file, its list, its events.
+        path = f"{JOBS}/{job['id']}"
+        done = check_response(spec, JOB, "GET", ended(client, path))
+        assert done["status"] == "succeeded" and done["progress"]["percent"] == 100
+        url = done["result"]["data"][0]["url"]
+        check_response(spec, "/files/jobs/{name}", "GET", client.get(url))
+        check_response(spec, "/files/jobs/{name}", "GET", client.get(url.split("?")[0]))
+        ended(client, f"{JOBS}/{edit['id']}")
+        ended(client, f"{JOBS}/{variation['id']}")
+        page = call_checked(client, spec, "GET", f"{JOBS}?limit=2", 200, template=JOBS)
+        assert len(page["data"]) == 2 and page["has_more"]
+        rest = call_checked(client, spec, "GET", f"{JOBS}?after={page['last_id']}&status=succeeded", 200, template=JOBS)
+        assert [j["id"] for j in page["data"] + rest["data"]] == [variation["id"], edit["id"], job["id"]]
+        for query, status in (("limit=0", 400), ("status=done", 400), ("after=job_nope", 404)):
+            call_checked(client, spec, "GET", f"{JOBS}?{query}", status, template=JOBS)
+
+        response = client.get(f"{path}/events")
+        check_response(spec, f"{JOB}/events", "GET", response)
+        events = sse_events(response.text)
+        schema = {"$ref": "#/components/schemas/JobEvent"}
+        for i, (_, event) in enumerate(events):
+            errors = validate(event, schema, spec, f"event[{i}]")
+            assert not errors, "job event drifted from openapi.yaml:\n" + "\n".join(errors)
+        kinds = [kind for kind, _ in events]
+        assert kinds[0] == "image.job.queued" and kinds[-1] == "image.job.succeeded", kinds
+        assert {"image.job.started", "image.job.progress", "image.job.partial_image"} <= set(kinds), kinds
+
+        # Cancel a finished job: 409; delete: 200, then 404 everywhere.
+        body = call_checked(client, spec, "POST", f"{path}/cancel", 409, template=f"{JOB}/cancel")
+        assert body["error"]["code"] == "job_finished"
+        call_checked(client, spec, "DELETE", path, 200, template=JOB)
+        for method, template in (("GET", JOB), ("DELETE", JOB), ("GET", f"{JOB}/events"), ("POST", f"{JOB}/cancel")):
+            url = template.replace("{job_id}", job["id"])
+            refused(client, spec, method, url, 404, "job_not_found", template=template)
+
+        # Webhook secrets: the caller's and the server's, each shown once.
+        first = call_checked(client, spec, "POST", "/v1/webhooks/secret", 201)
+        second = call_checked(client, spec, "POST", "/v1/webhooks/secret", 201)
+        assert first["previous_valid_until"] is None and second["previous_valid_until"] is not None
+        server = call_checked(client, spec, "POST", "/admin/webhooks/secret", 201)
+        assert server["owner"] == "server"
+
+
+def test_live_job_cancel_conforms(settings: Settings, spec: dict[str, Any]) -> None:
+    with TestClient(fake_app(settings, fail="hang")) as client:
+        job = post_checked(client, spec, GEN, 202, json={"prompt": "a cat", "size": "64x64"}, headers=ASYNC)
+        path = f"{JOBS}/{job['id']}"
+        for _ in range(500):
+            if client.get(path).json()["status"] == "running":
+                break
+            time.sleep(0.01)
+        body = call_checked(client, spec, "POST", f"{path}/cancel", 200, template=f"{JOB}/cancel")
+        assert body["status"] == "cancelled" and body["error"]["code"] == "cancelled"
+
+
+# -- 8. the custom-models inference API, live ---------------------------------------------------------------------
+
+INFER = "/infer_api/v1"
+PROJECT_MODEL = f"{INFER}/projects/{{container_name}}/models/{{model_name}}"
+RESULT = f"{INFER}/generations/{{job_id}}/result"
+BROKEN = "broken-model"
+
+
+def infer_app(tmp_path: Path) -> Litestar:
+    """Two models: the demo model in project `studio` with a sample image, and one whose jobs fail (`default`)."""
+    sample = tmp_path / "sample.png"
+    sample.write_bytes(png(48, 32))
+    keys = [
+        {"id": "alice", "key_sha256": hashlib.sha256(b"sk-alice").hexdigest()},
+        {"id": "root", "key_sha256": hashlib.sha256(b"sk-root").hexdigest(), "admin": True},
+    ]
+    models = [
+        {
+            "name": DEMO_MODEL,
+            "path": str(tmp_path / "demo"),
+            "project": "studio",
+            "default_size": "256x256",
+            "size_multiple": 16,
+            "sample_images": [str(sample), str(tmp_path / "missing.png")],
+            "trigger_words": ["ohwx"],
+            "style": "watercolor",
+        },
+        {"name": BROKEN, "path": str(tmp_path / "broken")},
+    ]
+    settings = secured_settings(tmp_path, api_keys=keys, models=models)
+    backends = [
+        (FakeBackend(models=[DEMO_MODEL], step_delay=0.02), [DEMO_MODEL]),
+        (FakeBackend(name="broken", models=[BROKEN], fail="invalid"), [BROKEN]),
+    ]
+    return create_app(settings, backends=backends)
+
+
+def test_live_infer_answers_conform(tmp_path: Path, spec: dict[str, Any]) -> None:
+    alice, root = bearer("sk-alice"), bearer("sk-root")
+    with TestClient(infer_app(tmp_path)) as client:
+
+        def get(path: str, status: int, template: str | None = None, headers: dict[str, str] = alice) -> Any:
+            return call_checked(client, spec, "GET", path, status, template, headers=headers)
+
+        table = get(f"{INFER}/aspect_ratios", 200)
+        assert table["model"] == DEMO_MODEL and table["data"][0] == {"aspect_ratio": "1:1", "width": 256, "height": 256}
+        get(f"{INFER}/aspect_ratios?model={BROKEN}", 200, f"{INFER}/aspect_ratios")
+        refused(
+            client,
+            spec,
+            "GET",
+            f"{INFER}/aspect_ratios?model=nope",
+            404,
+            "model_not_found",
+            template=f"{INFER}/aspect_ratios",
+            headers=alice,
+        )
+        dims = f"{INFER}/output_image_dimensions/{{aspect_ratio}}"
+        for ratio in ("16%3A9", "16:9", "16x9", "16-9"):
+            assert get(f"{INFER}/output_image_dimensions/{ratio}", 200, dims)["aspect_ratio"] == "16:9"
+        error = refused(
+            client,
+            spec,
+            "GET",
+            f"{INFER}/output_image_dimensions/7:5",
+            404,
+            "unknown_aspect_ratio",
+            template=dims,
+            headers=alice,
+        )
+        assert "16:9" in error["message"]
+
+        projects = get(f"{INFER}/projects", 200)["data"]
+        assert projects == [{"name": "studio", "model_count": 1}, {"name": "default", "model_count": 1}]
+        models = f"{INFER}/projects/{{container_name}}/models"
+        assert [m["name"] for m in get(f"{INFER}/projects/studio/models", 200, models)["data"]] == [DEMO_MODEL]
+        refused(
+            client,
+            spec,
+            "GET",
+            f"{INFER}/projects/nope/models",
+            404,
+            "project_not_found",
+            template=models,
+            headers=alice,
+        )
+        model = f"{INFER}/projects/studio/models/{DEMO_MODEL}"
+        config = get(f"{model}/config", 200, f"{PROJECT_MODEL}/config")
+        assert config["trigger_words"] == ["ohwx"] and len(config["aspect_ratios"]) == 11
+        refused(
+            client,
+            spec,
+            "GET",
+            f"{INFER}/projects/studio/models/{BROKEN}/config",
+            404,
+            "model_not_found",
+            template=f"{PROJECT_MODEL}/config",
+            headers=alice,
+        )
+        samples = get(f"{model}/images", 200, f"{PROJECT_MODEL}/images")["data"]
+        assert [(s["index"], s["width"], s["height"]) for s in samples] == [(0, 48, 32)], (
+            "unreadable files are left out"
+        )
+        get(samples[0]["url"], 200, f"{PROJECT_MODEL}/images/{{index}}")
+        get(f"{model}/images/1", 404, f"{PROJECT_MODEL}/images/{{index}}")
+
+        # A generation: 202 with Location, its result 202 then 200, its images downloadable.
+        gen = f"{INFER}/generations"
+        body = {"project": "studio", "model": DEMO_MODEL, "prompt": "a cat", "aspect_ratio": "16:9", "steps": 5}
+        response = client.post(gen, json=body, headers=alice)
+        assert response.status_code == 202, response.text
+        job = check_response(spec, gen, "POST", response)
+        assert response.headers["location"] == job["result_url"] and job["status"] == "queued"
+        result = get(job["result_url"], 202, RESULT)
+        assert result["status"] in ("queued", "running")
+        result = check_response(spec, RESULT, "GET", ended(client, job["result_url"], alice))
+        assert result["status"] == "completed" and result["size"] == "336x192" and len(result["images"]) == 1
+        check_response(spec, "/files/jobs/{name}", "GET", client.get(result["images"][0]["url"]))
+        failed = post_checked(client, spec, gen, 202, json={"model": BROKEN, "prompt": "x"}, headers=alice)
+        result = check_response(spec, RESULT, "GET", ended(client, failed["result_url"], alice))
+        assert result["status"] == "failed" and result["error"]["code"] == "invalid_request"
+        for bad, status in (
+            ({**body, "aspect_ratio": "7:5"}, 400),
+            ({**body, "size": "64x64"}, 400),
+            ({**body, "width": 64}, 400),
+            ({**body, "steps": 1000}, 400),
+            ({"model": DEMO_MODEL, "prompt": "x"}, 404),
+            ({**body, "model": "nope"}, 404),
+        ):
+            post_checked(client, spec, gen, status, json=bad, headers=alice)
+        refused(
+            client,
+            spec,
+            "GET",
+            RESULT.replace("{job_id}", "job_nope"),
+            404,
+            "job_not_found",
+            template=RESULT,
+            headers=alice,
+        )
+
+        enhance = f"{INFER}/projects/{{project_name}}/models/{{model_name}}/enhance-prompt"
+        url = f"{INFER}/projects/studio/models/{DEMO_MODEL}/enhance-prompt"
+        out = call_checked(client, spec, "POST", url, 200, enhance, json={"prompt": "a cat"}, headers=alice)
+        assert out["method"] == "template" and "ohwx" in out["enhanced_prompt"]
+        call_checked(client, spec, "POST", url, 400, enhance, json={"prompt": " "}, headers=alice)
+
+        # The job lists, then deletion.
+        jobs = get(f"{INFER}/jobs?limit=1", 200, f"{INFER}/jobs")
+        assert jobs["has_more"] and jobs["data"][0]["job_id"] == failed["job_id"]
+        assert [j["job_id"] for j in get(f"{INFER}/jobs/completed", 200)["data"]] == [job["job_id"]]
+        assert [j["job_id"] for j in get(f"{INFER}/jobs/failed", 200)["data"]] == [failed["job_id"]]
+        get(f"{INFER}/jobs?limit=101", 400, f"{INFER}/jobs")
+        get(f"{INFER}/jobs?after=job_nope", 404, f"{INFER}/jobs")
+        one = f"{INFER}/jobs/{{job_id}}"
+        call_checked(client, spec, "DELETE", f"{INFER}/jobs/{job['job_id']}", 200, one, headers=alice)
+        refused(
+            client, spec, "DELETE", f"{INFER}/jobs/{job['job_id']}", 404, "job_not_found", template=one, headers=alice
+        )
+        assert call_checked(client, spec, "DELETE", f"{INFER}/jobs", 200, headers=alice)["deleted"] == 1
+
+        # The admin-only route.
+        refused(client, spec, "GET", f"{INFER}/secure-route", 401, "invalid_api_key")
+        refused(client, spec, "GET", f"{INFER}/secure-route", 403, "admin_required", headers=alice)
+        assert get(f"{INFER}/secure-route", 200, headers=root)["principal"] == "root"
+        refused(client, spec, "GET", f"{INFER}/projects", 401, "invalid_api_key")

@@ -34,7 +34,7 @@ from app.protocol.images import (
 )
 from app.services.images import ImageService
 from app.store.files import ImageFiles
-from app.store.keys import SqliteStore, Usage
+from app.store.keys import SqlKeyStore, Usage
 from app.worker.protocol import Done, Failed, GenerationParams, Image, Progress, Started, WorkerEvent
 from tests.helpers import InOrder, sample
 
@@ -556,7 +556,7 @@ async def test_a_hung_backend_hits_the_deadline_in_a_stream(tmp_path):
 
 @pytest.fixture
 def store(tmp_path):
-    s = SqliteStore(tmp_path / "imagegate.db")
+    s = SqlKeyStore(tmp_path / "imagegate.db")
     yield s
     s.close()
 

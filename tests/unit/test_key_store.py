@@ -1,4 +1,4 @@
-"""SqliteStore: migrations, WAL, the keys version counter, keys and usage, and two connections to one file."""
+"""SqlKeyStore: migrations, WAL, the keys version counter, keys and usage, and two connections to one file."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import sqlite3
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
-from app.store import keys as keys_module
-from app.store.keys import MIGRATIONS, KeyRecord, SqliteStore, Usage
+from app.store.keys import KeyRecord, SqlKeyStore, Usage
+from app.store.schema import metadata
 
 HOUR = datetime(2031, 5, 17, 10, 0, tzinfo=UTC).timestamp()
 
@@ -32,7 +33,7 @@ def path(tmp_path):
 
 @pytest.fixture
 def store(path):
-    s = SqliteStore(path)
+    s = SqlKeyStore(path)
     yield s
     s.close()
 
@@ -45,28 +46,61 @@ def pragma(path, name: str):
         db.close()
 
 
-def test_migrations_run_once(path, monkeypatch):
-    SqliteStore(path).close()  # creates the directory and the schema
-    assert path.exists()
-    assert pragma(path, "user_version") == len(MIGRATIONS)
-    SqliteStore(path).close()  # a second run would fail on CREATE TABLE
-    assert pragma(path, "user_version") == len(MIGRATIONS)
-
-    extra = "CREATE TABLE extra (x INTEGER); INSERT INTO extra VALUES (1);"
-    monkeypatch.setattr(keys_module, "MIGRATIONS", [*MIGRATIONS, extra])
-    for _ in range(2):  # only the new migration runs, and only once
-        SqliteStore(path).close()
-        assert pragma(path, "user_version") == len(MIGRATIONS) + 1
+def head_revision(path) -> str:
     db = sqlite3.connect(path)
     try:
-        assert db.execute("SELECT COUNT(*) FROM extra").fetchone()[0] == 1
+        return db.execute("SELECT version_num FROM alembic_version").fetchone()[0]
     finally:
         db.close()
 
 
+def test_migrations_build_the_declared_schema_once(path):
+    SqlKeyStore(path).close()  # creates the directory and the schema
+    assert path.exists()
+    head = head_revision(path)
+    SqlKeyStore(path).close()  # a second run would fail on CREATE TABLE
+    assert head_revision(path) == head
+    db = sqlite3.connect(path)
+    try:  # the migrations made exactly the tables and columns the queries are written against
+        for table in metadata.sorted_tables:
+            columns = [row[1] for row in db.execute(f"PRAGMA table_info({table.name})")]
+            assert columns == [c.name for c in table.columns], table.name
+    finally:
+        db.close()
+
+
+OLD_SCHEMA = """
+CREATE TABLE keys (id TEXT PRIMARY KEY, alias TEXT NOT NULL, digest TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL,
+    models TEXT NOT NULL, rpm INTEGER, max_concurrent INTEGER, image_quota INTEGER, quota_period TEXT NOT NULL,
+    expires_at REAL, active INTEGER NOT NULL, created_at REAL NOT NULL, revoked_at REAL);
+CREATE TABLE usage (principal TEXT NOT NULL, hour INTEGER NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
+    images INTEGER NOT NULL DEFAULT 0, pixel_steps INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (principal, hour));
+CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta VALUES ('keys_version', 4);
+INSERT INTO keys VALUES ('key_old', 'old', 'digest-old', 'sk-ig-old', '["*"]', NULL, NULL, NULL, 'day', NULL, 1,
+    0, NULL);
+PRAGMA user_version = 1;
+"""
+
+
+async def test_a_data_dir_of_the_previous_release_keeps_its_keys(path):
+    path.parent.mkdir(parents=True)
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.close()
+    store = SqlKeyStore(path)
+    try:
+        assert (await store.key("key_old")).alias == "old"  # type: ignore[union-attr]
+        assert await store.version() == 4
+        await store.add_key(record("key_new"))
+        assert await store.version() == 5
+    finally:
+        store.close()
+
+
 def test_wal_mode(store, path):
     assert pragma(path, "journal_mode") == "wal"
-    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.reader.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
 
 async def test_version_counts_every_key_change(store):
@@ -94,18 +128,17 @@ async def test_keys_are_found_by_digest_and_id(store):
     assert await store.key_by_digest("digest-of-nothing") is None
     assert (await store.key("key_1")).alias == "one"  # type: ignore[union-attr]
     assert [k.id for k in await store.keys()] == ["key_1", "key_2"]  # oldest first
-    with pytest.raises(sqlite3.IntegrityError):  # digests are unique
+    with pytest.raises(IntegrityError):  # digests are unique
         await store.add_key(record("key_3", digest="digest-of-key_1"))
     assert await store.version() == 2  # the failed insert changed nothing
 
 
 async def test_a_failed_write_leaves_the_store_usable(path):
-    store, other = SqliteStore(path), SqliteStore(path)
+    store, other = SqlKeyStore(path), SqlKeyStore(path)
     try:
         await store.add_key(record("key_1"))
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(IntegrityError):
             await store.add_key(record("key_2", digest="digest-of-key_1"))
-        assert not store._db.in_transaction
         await store.add_key(record("key_3"))
         await store.record_usage([("key_3", HOUR, 1, 1, 1)])
         assert await other.usage("key_3") == Usage(requests=1, images=1, pixel_steps=1)
@@ -142,7 +175,8 @@ async def test_usage_is_summed_per_hour_bucket(store):
     await store.record_usage([("p", HOUR + 3599, 1, 1, 50)])  # the same hour: the same row
     await store.record_usage([("p", HOUR + 3600, 1, 4, 200)])  # the next hour
     await store.record_usage([("q", HOUR + 10, 1, 8, 999)])  # another principal
-    rows = store._db.execute("SELECT hour, requests, images, pixel_steps FROM usage WHERE principal = 'p'").fetchall()
+    query = "SELECT hour, requests, images, pixel_steps FROM usage WHERE principal = 'p'"
+    rows = store.db.reader.exec_driver_sql(query)
     assert sorted(tuple(r) for r in rows) == [(int(HOUR // 3600), 2, 3, 150), (int(HOUR // 3600) + 1, 1, 4, 200)]
     assert await store.usage("p") == Usage(requests=3, images=7, pixel_steps=350)
     assert await store.usage("p", since=HOUR + 3600) == Usage(requests=1, images=4, pixel_steps=200)
@@ -154,11 +188,11 @@ async def test_usage_is_summed_per_hour_bucket(store):
 
 
 async def test_data_persists_across_instances(path):
-    first = SqliteStore(path)
+    first = SqlKeyStore(path)
     await first.add_key(record("key_1", models=["a"]))
     await first.record_usage([("key_1", HOUR, 1, 3, 30)])
     first.close()
-    second = SqliteStore(path)
+    second = SqlKeyStore(path)
     try:
         assert (await second.key("key_1")).models == ["a"]  # type: ignore[union-attr]
         assert await second.usage("key_1") == Usage(requests=1, images=3, pixel_steps=30)
@@ -168,7 +202,7 @@ async def test_data_persists_across_instances(path):
 
 
 async def test_two_instances_see_each_others_writes(path):
-    gateway, cli = SqliteStore(path), SqliteStore(path)
+    gateway, cli = SqlKeyStore(path), SqlKeyStore(path)
     try:
         seen = await gateway.version()
         await cli.add_key(record("key_1"))

@@ -5,7 +5,7 @@ import pytest
 from app.auth.principals import digest, new_key
 from app.auth.startup import InsecureBind, check
 from app.config import load_settings
-from app.store.keys import KeyRecord, SqliteStore
+from app.store.keys import KeyRecord, SqlKeyStore
 
 
 def settings(tmp_path, **overrides):
@@ -34,7 +34,7 @@ def test_any_credential_allows_a_public_bind(tmp_path, monkeypatch):
 
 def test_a_virtual_key_in_the_store_counts_as_a_credential(tmp_path, monkeypatch):
     monkeypatch.delenv("IMAGEGATE_ADMIN_KEY", raising=False)
-    store = SqliteStore(tmp_path / "imagegate.db")
+    store = SqlKeyStore(tmp_path / "imagegate.db")
     key = new_key()
     store.add_key_sync(KeyRecord(id="k1", alias="a", digest=digest(key), prefix=key[:10], models=["*"]))
     store.close()
