@@ -24,6 +24,10 @@ _DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?")
 DEMO_MODEL = "imagegate-demo"
 
 
+WEBHOOK_RETRY_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
+"""Standard Webhooks' example schedule: the delay after each failed attempt (5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h,
+20 h, 24 h), so an endpoint that is down for about three days gets ten attempts in all."""
+
 QUANTIZATION = {
     "torchao": tuple(TORCHAO_CONFIGS),
     "bitsandbytes": ("4bit", "8bit"),
@@ -159,7 +163,11 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         str, _doc("Project the model belongs to in the custom-models inference API (/infer_api/v1/projects).")
     ] = "default"
     sample_images: Annotated[
-        list[str], _doc("Image files that show what the model makes (/infer_api/v1/.../models/{name}/images).")
+        list[str],
+        _doc(
+            "Image files that show what the model makes (/infer_api/v1/.../models/{name}/images); relative paths are "
+            "read from the working directory."
+        ),
     ] = msgspec.field(default_factory=list)
     trigger_words: Annotated[
         list[str], _doc("Words the model was trained to respond to; the prompt enhancer keeps them in the prompt.")
@@ -358,7 +366,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     webhook_retry_schedule: Annotated[
         list[float],
         _doc("Seconds after a failed webhook attempt before the next one, one entry per retry (then it fails)."),
-    ] = msgspec.field(default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400])
+    ] = msgspec.field(default_factory=lambda: list(WEBHOOK_RETRY_SCHEDULE))
     webhook_timeout: Annotated[float, _doc("Seconds a webhook receiver has to answer one delivery.")] = 15.0
     webhook_progress_interval: Annotated[float, _doc("Fewest seconds between two progress webhooks of one job.")] = 2.0
     enhancer_url: Annotated[

@@ -77,7 +77,7 @@ def demo(reps: int) -> dict:
 
 async def queue(jobs: int) -> dict:
     data_dir = tempfile.mkdtemp(prefix="imagegate-bench-queue-")
-    settings = load_settings(environ={}, overrides={"data_dir": data_dir, "job_share": 1.0, "max_queue": 10_000})
+    settings = load_settings(environ={}, overrides={"data_dir": data_dir, "job_share": 1.0})
     backends = [(FakeBackend(name=f"stub{i}", models=[DEMO_MODEL]), [DEMO_MODEL]) for i in range(8)]
     app = create_app(settings, backends=backends)
     body = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 1}

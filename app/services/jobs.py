@@ -68,9 +68,11 @@ from app.store.jobs import (
     IdempotencyConflict,
     JobRecord,
     JobStore,
+    Status,
     new_delivery,
     new_event,
 )
+from app.store.keys import UsageRow
 from app.worker.protocol import Image, Partial, Progress, Started, image_bytes
 
 log = logging.getLogger("imagegate.jobs")
@@ -402,20 +404,13 @@ class JobService:
         job = await self._own(job_id, principal)
         if job.status in FINISHED:
             raise Conflict(f"The job already finished ({job.status}).", param="job_id", code="job_finished")
-        now = self.clock()
-        ended = await asyncio.to_thread(
-            lambda: self.store.finish(
-                job_id,
-                "cancelled",
-                now,
-                from_status=("queued",),
-                error=("cancelled", "The job was cancelled before it started."),
-                events=[new_event(job_id, "cancelled", now)],
-                announce=self._announce("cancelled"),
-            )
+        ended = await self._end(
+            job_id,
+            "cancelled",
+            from_status=("queued",),
+            error=("cancelled", "The job was cancelled before it started."),
         )
         if ended is not None:
-            self._ended(ended)
             return self.view(ended)
         running = await asyncio.to_thread(self.store.request_cancel, job_id)
         run = self._runs.get(job_id)
@@ -577,20 +572,8 @@ class JobService:
 
     async def _stopped(self, job: JobRecord, why: str) -> None:
         if why == "cancel":
-            now = self.clock()
-            ended = await asyncio.to_thread(
-                lambda: self.store.finish(
-                    job.id,
-                    "cancelled",
-                    now,
-                    worker=self.worker_id,
-                    error=("cancelled", "The job was cancelled while it ran."),
-                    events=[new_event(job.id, "cancelled", now)],
-                    announce=self._announce("cancelled"),
-                )
-            )
-            if ended is not None:
-                self._ended(ended)
+            error = ("cancelled", "The job was cancelled while it ran.")
+            await self._end(job.id, "cancelled", worker=self.worker_id, error=error)
         elif why == "shutdown":
             await asyncio.to_thread(self.store.release, job.id, self.worker_id)
 
@@ -681,18 +664,12 @@ class JobService:
             "usage": usage,
         }
         steps = p.steps * (p.strength or 1.0) if p.task == "img2img" else p.steps
-        ended = await asyncio.to_thread(
-            lambda: self.store.finish(
-                record.id,
-                "succeeded",
-                now,
-                worker=self.worker_id,
-                from_status=("running",),
-                result=msgspec.json.encode(result).decode(),
-                events=[new_event(record.id, "succeeded", now)],
-                announce=self._announce("succeeded"),
-                usage=[(record.owner, now, 1, len(files), int(len(files) * p.width * p.height * steps))],
-            )
+        ended = await self._end(
+            record.id,
+            "succeeded",
+            worker=self.worker_id,
+            result=msgspec.json.encode(result).decode(),
+            usage=[(record.owner, now, 1, len(files), int(len(files) * p.width * p.height * steps))],
         )
         if ended is None:  # the lease went to another run, or the job was deleted: this run's images are not kept
             log.warning("job %s ended here after its lease was lost; discarding this run's result", record.id)
@@ -701,29 +678,48 @@ class JobService:
             return
         if self.guard is not None:
             self.guard.count_images(msgspec.json.decode(record.principal)["alias"], len(files))
-        self._ended(ended)
 
     async def _fail(self, record: JobRecord, code: str, message: str) -> None:
+        if await self._end(record.id, "failed", worker=self.worker_id, error=(code, message)) is not None:
+            log.warning("job %s failed (%s): %s", record.id, code, message)
+
+    async def _end(
+        self,
+        job_id: str,
+        status: Status,
+        *,
+        worker: str | None = None,
+        from_status: Sequence[str] = ("running",),
+        error: tuple[str, str] | None = None,
+        result: str | None = None,
+        usage: Sequence[UsageRow] = (),
+    ) -> JobRecord | None:
+        """End a job in one transaction with its event, webhooks and usage.
+
+        Returns None when the job was not in ``from_status`` (or, with ``worker``, no longer that worker's run).
+        """
         now = self.clock()
         ended = await asyncio.to_thread(
             lambda: self.store.finish(
-                record.id,
-                "failed",
+                job_id,
+                status,
                 now,
-                worker=self.worker_id,
-                from_status=("running",),
-                error=(code, message),
-                events=[new_event(record.id, "failed", now)],
-                announce=self._announce("failed"),
+                worker=worker,
+                from_status=from_status,
+                result=result,
+                error=error,
+                events=[new_event(job_id, status, now)],
+                announce=self._announce(status),
+                usage=usage,
             )
         )
         if ended is not None:
-            log.warning("job %s failed (%s): %s", record.id, code, message)
             self._ended(ended)
+        return ended
 
     def _ended(self, job: JobRecord) -> None:
         metrics.JOBS_FINISHED.labels(job.kind, job.status).inc()
-        if job.started_at is not None and job.completed_at is not None:
+        if job.completed_at is not None:
             metrics.JOB_SECONDS.labels(job.kind, job.status).observe(job.completed_at - job.created_at)
         self._notify()
 
@@ -751,33 +747,10 @@ class JobService:
             else:
                 status = "failed"
                 code = ("worker_lost", f"The job's run was lost {job.attempts} times (a worker or gateway went away).")
-            ended = await asyncio.to_thread(
-                lambda j=job, s=status, c=code: self.store.finish(
-                    j.id,
-                    s,
-                    now,
-                    from_status=("running",),
-                    error=c,
-                    events=[new_event(j.id, s, now)],
-                    announce=self._announce(s),
-                )
-            )
-            if ended is not None:
-                self._ended(ended)
+            await self._end(job.id, status, error=code)
         for job in await asyncio.to_thread(self.store.overdue, now):
-            ended = await asyncio.to_thread(
-                lambda j=job: self.store.finish(
-                    j.id,
-                    "expired",
-                    now,
-                    from_status=("queued",),
-                    error=("expired", "The job waited in the queue past its deadline."),
-                    events=[new_event(j.id, "expired", now)],
-                    announce=self._announce("expired"),
-                )
-            )
-            if ended is not None:
-                self._ended(ended)
+            error = ("expired", "The job waited in the queue past its deadline.")
+            await self._end(job.id, "expired", from_status=("queued",), error=error)
         expired = await asyncio.to_thread(self.store.expired, now)
         if expired:
             for job in await asyncio.to_thread(self.store.delete, expired):

@@ -23,15 +23,15 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from standardwebhooks import Webhook
 from yarl import URL
 
+from app.config import WEBHOOK_RETRY_SCHEDULE
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Kind = Literal["delivered", "retry", "gone", "refused"]
 
 USER_AGENT = "imagegate-webhooks/1"
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_RETRY_AFTER = 86400.0
-# Standard Webhooks' example schedule: the delay after each failed attempt (5 s, 5 min, 30 min, 2 h, 5 h, 10 h,
-# 14 h, 20 h, 24 h), so an endpoint that is down for about three days gets ten attempts in all.
-DEFAULT_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
+DEFAULT_SCHEDULE = WEBHOOK_RETRY_SCHEDULE
 
 _SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: not global, yet not is_private before 3.13
 # WHATWG's "ends in a number": such a host is an IPv4 address in a legacy form (127.1, 0x7f.1, 2130706433) that

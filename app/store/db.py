@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.pool import NullPool
 
 T = TypeVar("T")
 
@@ -58,7 +57,7 @@ class Database:
         self.sqlite = self.url.startswith("sqlite")
         if self.sqlite:
             Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = create_engine(self.url, poolclass=NullPool, connect_args={"check_same_thread": False})
+            self.engine = create_engine(self.url, connect_args={"check_same_thread": False})
             _sqlite(self.engine)
         else:
             self.engine = create_engine(self.url, pool_pre_ping=True)
