@@ -159,6 +159,9 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ),
     ] = ""
 
+    max_loaded_adapters: Annotated[
+        int, _doc("LoRA adapters a worker keeps loaded for this model; the least recently used go first.")
+    ] = 8
     project: Annotated[
         str, _doc("Project the model belongs to in the custom-models inference API (/infer_api/v1/projects).")
     ] = "default"

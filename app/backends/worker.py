@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import BinaryIO
 
 import aiohttp
@@ -18,6 +19,7 @@ from app.worker.protocol import (
     Failed,
     GenerationParams,
     HealthInfo,
+    LoraRef,
     WorkerEvent,
     decode_event,
     encode_params,
@@ -50,9 +52,19 @@ async def _stream_body(head: bytes, attachments: Sequence[BinaryIO]) -> AsyncIte
 class WorkerBackend:
     """Runs jobs on an imagegate worker through its HTTP protocol (see :mod:`app.worker.protocol`)."""
 
-    def __init__(self, name: str, address: str, *, token: str = "", connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        *,
+        token: str = "",
+        connect_timeout: float = 5.0,
+        adapter_file: Callable[[str], Path] | None = None,
+    ) -> None:
         self.name = name
         self.address = address
+        self.adapter_file = adapter_file
+        """Where the gateway keeps the adapter file of a digest (jobs with LoRA adapters need it)."""
         self._socket_path, self._base = parse_address(address)
         self._headers = {TOKEN_HEADER: token} if token else {}
         self._connect_timeout = connect_timeout
@@ -78,6 +90,7 @@ class WorkerBackend:
         head = encode_params(params)
         body = _stream_body(head, attachments) if attachments else head
         try:
+            await self.send_adapters(params.loras)
             resp = await self._client().post(
                 f"{self._base}/v1/generate", data=body, headers={"content-type": CONTENT_TYPE}
             )
@@ -107,6 +120,25 @@ class WorkerBackend:
             else:
                 # Closing the connection is what tells the worker to cancel the job.
                 resp.close()
+
+    async def send_adapters(self, loras: Sequence[LoraRef]) -> None:
+        """Make sure the worker has each adapter's file: it keeps them by digest, so each is sent once.
+
+        The worker is asked each time (a restarted worker has lost what it was sent), which costs a round trip on
+        the local socket or the network, not a transfer.
+        """
+        for ref in loras:
+            url = f"{self._base}/adapters/{ref.digest}"
+            async with self._client().head(url) as resp:
+                if resp.status == 200:
+                    continue
+            if self.adapter_file is None:
+                raise BackendFailed(f"worker {self.name} lacks adapter {ref.digest[:12]} and none can be sent")
+            data = await asyncio.to_thread(self.adapter_file(ref.digest).read_bytes)
+            async with self._client().put(url, data=data) as resp:
+                if resp.status != 204:
+                    text = (await resp.text())[:200]
+                    raise BackendFailed(f"worker {self.name} refused adapter {ref.digest[:12]}: {resp.status} {text}")
 
     async def health(self) -> HealthInfo:
         try:

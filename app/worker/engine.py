@@ -21,11 +21,14 @@ import asyncio
 import contextlib
 import functools
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ from PIL import Image as PILImage
 
 from app.config import ModelConfig
 from app.worker import images
+from app.worker.adapters import AdapterFiles, LoadedAdapters
 from app.worker.pipelines import LoadedModel, load_model
 from app.worker.previews import X0Tracker, encode_image
 from app.worker.protocol import (
@@ -99,7 +103,7 @@ def batch_key(params: GenerationParams, loaded: LoadedModel) -> tuple | None:
     p = params
     if p.task == "background_removal":
         return None
-    key = (p.model, p.task, p.width, p.height, p.steps, p.guidance, p.scheduler, p.strength)
+    key = (p.model, p.task, p.width, p.height, p.steps, p.guidance, p.scheduler, p.strength, p.loras)
     if not (loaded.family.empty_negative_prompt or loaded.family.true_cfg):
         key += (bool(p.negative_prompt),)
     return key
@@ -120,8 +124,17 @@ class _Run:
 class Engine:
     """Runs batches of jobs on one device, oldest job first, streaming each job's events to its queue."""
 
-    def __init__(self, device: str, models: list[ModelConfig], *, batch_window_ms: float = 5.0) -> None:
+    def __init__(
+        self,
+        device: str,
+        models: list[ModelConfig],
+        *,
+        batch_window_ms: float = 5.0,
+        adapter_dir: Path | None = None,
+    ) -> None:
         self.device = device
+        self._own_adapter_dir = adapter_dir is None
+        self.adapter_files = AdapterFiles(adapter_dir or Path(tempfile.mkdtemp(prefix="imagegate-adapters-")))
         self.configs = models
         self.batch_window = batch_window_ms / 1000
         self.models: dict[str, LoadedModel] = {}
@@ -150,6 +163,8 @@ class Engine:
     def _load(self) -> None:
         for config in self.configs:
             loaded = load_model(config, self.device)
+            if hasattr(loaded.pipe, "load_lora_weights"):
+                loaded.adapters = LoadedAdapters(loaded.pipe, self.adapter_files, config.max_loaded_adapters)
             self.models[config.name] = loaded  # warmed up by its start-up check
 
     def health(self) -> HealthInfo:
@@ -170,6 +185,7 @@ class Engine:
                     schedulers=list(loaded.schedulers),
                     default_steps=loaded.family.steps,
                     default_guidance=loaded.family.guidance,
+                    lora=loaded.adapters is not None,
                 )
                 for name, loaded in self.models.items()
             },
@@ -190,6 +206,8 @@ class Engine:
             valid = ", ".join(loaded.schedulers) or "none (it runs its own)"
             message = f"scheduler {params.scheduler!r} does not apply to model {params.model!r}; valid: {valid}"
             job.events.put_nowait(Failed(message, "invalid_request", param="scheduler"))
+        elif params.loras and (loaded.adapters is None or params.task == "background_removal"):
+            job.events.put_nowait(Failed(f"model {params.model!r} cannot apply LoRA adapters", "invalid_request"))
         elif params.negative_prompt and "negative_prompt" not in loaded.accepts[params.task]:
             job.events.put_nowait(Failed(f"model {params.model!r} does not take a negative_prompt", "invalid_request"))
         else:
@@ -263,6 +281,8 @@ class Engine:
             if runs[0].job.params.task == "background_removal":
                 pictures = self._remove_background(loaded, runs[0].job)
             else:
+                if loaded.adapters is not None:  # the batch shares its adapters: they are part of its key
+                    loaded.adapters.apply(runs[0].job.params.loras)
                 pictures = self._denoise(loaded, runs)
         except JobCancelled:
             return  # each run ended when its cancellation was seen
@@ -488,3 +508,5 @@ class Engine:
         self._waiting.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._encoder.shutdown(wait=False, cancel_futures=True)
+        if self._own_adapter_dir:
+            shutil.rmtree(self.adapter_files.directory, ignore_errors=True)

@@ -23,6 +23,7 @@ from diffusers.pipelines.auto_pipeline import (  # how from_pipe finds a family'
 )
 
 from app.config import ModelConfig
+from app.worker.adapters import LoadedAdapters
 from app.worker.families import Family, family_of
 from app.worker.previews import Previewer
 from app.worker.protocol import FLOW_SCHEDULERS, SCHEDULERS, TORCHAO_CONFIGS, parse_size
@@ -81,6 +82,8 @@ class LoadedModel:
     """A transformers image-segmentation pipeline, for background_removal."""
     previews_failed: bool = False
     """Decoding a partial image failed once: the model sends none from then on (logged once)."""
+    adapters: LoadedAdapters | None = None
+    """The LoRA adapters loaded into the pipeline; None when its pipeline cannot load any."""
 
     def pipeline_for(self, task: str, scheduler: Any) -> Any:
         """A view of the pipeline for ``task`` that shares the weights and has its own scheduler and state."""

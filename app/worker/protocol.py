@@ -113,6 +113,13 @@ def preview_steps(steps: int, count: int) -> list[int]:
     return [max(1, min(steps, round(steps * (j + 1) / (count + 1)))) for j in range(count)]
 
 
+class LoraRef(msgspec.Struct, frozen=True):
+    """A LoRA adapter to apply, by the SHA-256 of its file, at ``scale`` (0: no effect)."""
+
+    digest: str
+    scale: float
+
+
 class GenerationParams(msgspec.Struct, kw_only=True, frozen=True):
     """A validated job, as the worker runs it.
 
@@ -143,6 +150,8 @@ class GenerationParams(msgspec.Struct, kw_only=True, frozen=True):
     """Length of the input image that follows the params in the request body."""
     mask_bytes: int = 0
     """Length of the mask (PNG with alpha, or greyscale: white = redraw) that follows the image."""
+    loras: tuple[LoraRef, ...] = ()
+    """Adapters to run with, in order; their files reach the worker before the job (``PUT /adapters/{digest}``)."""
 
     @property
     def work(self) -> float:
@@ -243,6 +252,8 @@ class ModelDetails(msgspec.Struct, kw_only=True):
     default_steps: int | None = None
     """The family's steps for requests that name none (None: no family default)."""
     default_guidance: float | None = None
+    lora: bool = False
+    """Its pipeline loads LoRA adapters."""
 
 
 class HealthInfo(msgspec.Struct, kw_only=True):

@@ -30,6 +30,9 @@ log = logging.getLogger("imagegate.worker")
 FAILED_LINGER = 30.0
 """Seconds a worker whose models failed to load keeps answering health with the reason before it exits."""
 
+MAX_ADAPTER_BYTES = 2 << 30
+"""Largest adapter file a worker takes (large LoRAs of large models are hundreds of MB)."""
+
 ENGINE = web.AppKey("engine", Engine)
 TOKEN = web.AppKey("token", str)
 
@@ -40,8 +43,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    token = request.app[TOKEN]
-    if token and not hmac.compare_digest(request.headers.get(TOKEN_HEADER, "").encode(), token.encode()):
+    if not _authorized(request):
         return web.Response(status=401, text="bad worker token")
     try:
         (length,) = FRAME_HEADER.unpack(await request.content.readexactly(FRAME_HEADER.size))
@@ -73,12 +75,41 @@ async def generate(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _authorized(request: web.Request) -> bool:
+    token = request.app[TOKEN]
+    return not token or hmac.compare_digest(request.headers.get(TOKEN_HEADER, "").encode(), token.encode())
+
+
+async def has_adapter(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return web.Response(status=401, text="bad worker token")
+    try:
+        found = request.app[ENGINE].adapter_files.has(request.match_info["digest"])
+    except ValueError as e:
+        return web.Response(status=400, text=str(e))
+    return web.Response(status=200 if found else 404)
+
+
+async def put_adapter(request: web.Request) -> web.Response:
+    """Keep an adapter file the gateway sends, under the SHA-256 of its bytes (checked)."""
+    if not _authorized(request):
+        return web.Response(status=401, text="bad worker token")
+    files = request.app[ENGINE].adapter_files
+    try:
+        await asyncio.to_thread(files.put, request.match_info["digest"], await request.read())
+    except ValueError as e:
+        return web.Response(status=400, text=str(e))
+    return web.Response(status=204)
+
+
 def build_app(engine: Engine, token: str = "") -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_ADAPTER_BYTES)
     app[ENGINE] = engine
     app[TOKEN] = token
     app.router.add_get("/health", health)
     app.router.add_post("/v1/generate", generate)
+    app.router.add_route("HEAD", "/adapters/{digest}", has_adapter)
+    app.router.add_put("/adapters/{digest}", put_adapter)
     return app
 
 

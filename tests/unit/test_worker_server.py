@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from unittest import mock
 
@@ -93,3 +94,42 @@ async def test_a_hang_up_mid_stream_cancels_the_job_quietly(logs):
     [job] = engine.jobs
     assert job.cancelled.is_set()  # the engine ends it at its next step and counts it as cancelled
     assert [r.levelno for r in logs.records] == [logging.DEBUG]
+
+
+async def test_adapters_are_sent_once_by_digest_and_checked(tmp_path):
+    from aiohttp.test_utils import TestServer
+
+    from app.backends.worker import WorkerBackend
+    from app.errors import BackendFailed
+    from app.worker.adapters import AdapterFiles
+    from app.worker.protocol import LoraRef
+
+    data = b"adapter bytes"
+    digest = hashlib.sha256(data).hexdigest()
+    source = tmp_path / f"{digest}.safetensors"
+    source.write_bytes(data)
+    engine = mock.Mock(adapter_files=AdapterFiles(tmp_path / "worker"))
+    server = TestServer(build_app(engine, token="t"))
+    await server.start_server()
+    sent: list[str] = []
+
+    def adapter_file(d: str):
+        sent.append(d)
+        return source
+
+    backend = WorkerBackend("w", f"127.0.0.1:{server.port}", token="t", adapter_file=adapter_file)
+    try:
+        await backend.send_adapters([LoraRef(digest, 1.0)])
+        await backend.send_adapters([LoraRef(digest, 0.5)])
+        assert sent == [digest] and engine.adapter_files.path(digest).read_bytes() == data
+        other = hashlib.sha256(b"other").hexdigest()  # the gateway's file does not match its digest: refused
+        with pytest.raises(BackendFailed, match="refused adapter"):
+            await backend.send_adapters([LoraRef(other, 1.0)])
+        assert not engine.adapter_files.has(other)
+        stranger = WorkerBackend("w", f"127.0.0.1:{server.port}", token="wrong", adapter_file=adapter_file)
+        with pytest.raises(BackendFailed):
+            await stranger.send_adapters([LoraRef(other, 1.0)])
+        await stranger.close()
+    finally:
+        await backend.close()
+        await server.close()
