@@ -39,6 +39,7 @@ from app.pool import POLICIES, Breaker, Pool
 from app.pool import State as BackendState
 from app.pool.remote import RemoteWorkers
 from app.pool.supervisor import Supervisor
+from app.services.adapters import AdapterRegistry
 from app.services.images import ImageService
 from app.services.infer import InferService, make_enhancer
 from app.services.jobs import JobService
@@ -82,10 +83,12 @@ def create_app(
         supervisor: Supervisor | None = None
         remote: RemoteWorkers | None = None
         runtime_dir = Path(tempfile.mkdtemp(prefix="imagegate-"))
+        adapters = AdapterRegistry(settings)
+        await asyncio.to_thread(adapters.scan)
         if backends is None:
-            supervisor = Supervisor(settings, pool, runtime_dir)
+            supervisor = Supervisor(settings, pool, runtime_dir, adapter_file=adapters.file)
             await supervisor.start()
-            remote = RemoteWorkers(settings, pool, settings.health_interval)
+            remote = RemoteWorkers(settings, pool, settings.health_interval, adapter_file=adapters.file)
             await remote.start()
         else:
             for backend, models in backends:
@@ -93,7 +96,7 @@ def create_app(
         db = Database(settings.database())
         store = SqlKeyStore(db)
         guard = Guard(store, clock=clock)
-        images = ImageService(settings, pool, files, guard=guard)
+        images = ImageService(settings, pool, files, guard=guard, adapters=adapters)
         job_store = JobStore(db)
         job_files = ImageFiles(data_dir / "job-files", secret, settings.url_ttl, route=JOB_ROUTE)
         jobs = JobService(settings, job_store, images, job_files, guard=guard, clock=clock)

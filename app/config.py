@@ -159,6 +159,9 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ),
     ] = ""
 
+    adapters_dir: Annotated[
+        str, _doc("Directory of LoRA adapter files (*.safetensors) for this model; a file's name is its adapter id.")
+    ] = ""
     max_loaded_adapters: Annotated[
         int, _doc("LoRA adapters a worker keeps loaded for this model; the least recently used go first.")
     ] = 8
@@ -372,6 +375,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = msgspec.field(default_factory=lambda: list(WEBHOOK_RETRY_SCHEDULE))
     webhook_timeout: Annotated[float, _doc("Seconds a webhook receiver has to answer one delivery.")] = 15.0
     webhook_progress_interval: Annotated[float, _doc("Fewest seconds between two progress webhooks of one job.")] = 2.0
+    max_loras: Annotated[int, _doc("Most LoRA adapters one request may apply.")] = 4
     enhancer_url: Annotated[
         str,
         _doc(

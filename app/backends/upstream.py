@@ -310,6 +310,9 @@ class UpstreamBackend:
     async def generate(
         self, params: GenerationParams, attachments: Sequence[BinaryIO] = ()
     ) -> AsyncIterator[WorkerEvent]:
+        if params.loras:  # the adapters are this gateway's files; an upstream knows none of them
+            yield Failed(f"upstream {self.name} cannot apply this gateway's LoRA adapters", "invalid_request", "loras")
+            return
         t0 = time.monotonic()
         try:
             resp = await self._send(params, attachments)

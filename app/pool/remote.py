@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from pathlib import Path
 
 from app.backends.upstream import UpstreamBackend
 from app.backends.worker import WorkerBackend
@@ -22,10 +24,18 @@ class RemoteWorkers:
     loads; down when it cannot be reached.
     """
 
-    def __init__(self, settings: Settings, pool: Pool, interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: Pool,
+        interval: float = 2.0,
+        adapter_file: Callable[[str], Path] | None = None,
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.interval = interval
+        self.adapter_file = adapter_file
+        """Where the gateway keeps the LoRA adapter file of a digest (sent to the workers over the network)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._members: list[Member] = []
 
@@ -35,7 +45,9 @@ class RemoteWorkers:
             for address in m.remote_workers:
                 layout.setdefault(address, []).append(m.name)
         for address, models in layout.items():
-            backend = WorkerBackend(f"remote-{address}", address, token=self.settings.worker_token)
+            backend = WorkerBackend(
+                f"remote-{address}", address, token=self.settings.worker_token, adapter_file=self.adapter_file
+            )
             self._watch(self.pool.add(backend, models, probed=True))
         for u in self.settings.upstreams:
             self._watch(self.pool.add(UpstreamBackend(u), list(u.models), capacity=u.concurrency, probed=True))

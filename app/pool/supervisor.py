@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,10 +44,14 @@ class LocalWorker:
 class Supervisor:
     """Runs the local workers the configuration names: one process per device, serving every model on it."""
 
-    def __init__(self, settings: Settings, pool: Pool, runtime_dir: Path) -> None:
+    def __init__(
+        self, settings: Settings, pool: Pool, runtime_dir: Path, adapter_file: Callable[[str], Path] | None = None
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.runtime_dir = runtime_dir
+        self.adapter_file = adapter_file
+        """Where the gateway keeps the LoRA adapter file of a digest (workers are sent adapters from there)."""
         self.workers: list[LocalWorker] = []
         self._stopping = False
         self._settings_file = runtime_dir / "settings.json"
@@ -83,7 +88,13 @@ class Supervisor:
         for i, ((device, k), models) in enumerate(layout.items()):
             sock = self.runtime_dir / f"w{i}.sock"
             name = self._name(device, k)
-            backend = WorkerBackend(name, f"unix:{sock}", token=self.settings.worker_token, connect_timeout=5.0)
+            backend = WorkerBackend(
+                name,
+                f"unix:{sock}",
+                token=self.settings.worker_token,
+                connect_timeout=5.0,
+                adapter_file=self.adapter_file,
+            )
             worker = LocalWorker(device=device, models=models, socket_path=sock, member=self.pool.add(backend, models))
             worker.task = asyncio.create_task(self._keep_running(worker), name=f"supervise-{name}")
             self.workers.append(worker)

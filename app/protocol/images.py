@@ -30,6 +30,14 @@ class Fallback(msgspec.Struct, kw_only=True):
 
 Fallbacks = Annotated[list[str | Fallback], Meta(max_length=10)]
 WebhookEvent = Literal["started", "progress", "completed"]
+MAX_LORA_SCALE = 2.0
+
+
+class LoraSpec(msgspec.Struct, kw_only=True):
+    """A LoRA adapter of the request's model to apply, at ``scale`` (0: no effect; negative: away from it)."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=200)]
+    scale: Annotated[float, Meta(ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)] = 1.0
 
 
 class _JobOptions(msgspec.Struct, kw_only=True):
@@ -66,6 +74,7 @@ class ImageGenerateRequest(_ImageOptions, kw_only=True):
     """``POST /v1/images/generations``. Unknown fields are ignored, as OpenAI-compatible servers do."""
 
     prompt: Annotated[str, Meta(min_length=1, max_length=32000)]
+    loras: Annotated[list[LoraSpec], Meta(max_length=16)] | None = None
     moderation: Literal["low", "auto"] | None = None
     style: Literal["vivid", "natural"] | None = None
 
@@ -91,6 +100,7 @@ class ImageEditJsonRequest(ImageEditRequest, kw_only=True):
 
     images: Annotated[list[ImageRef], Meta(min_length=1)]
     mask: ImageRef | None = None
+    loras: Annotated[list[LoraSpec], Meta(max_length=16)] | None = None
 
 
 class ImageVariationRequest(_JobOptions, kw_only=True):

@@ -44,12 +44,14 @@ from app.protocol.images import (
     ModelList,
     StreamEvent,
 )
+from app.services.adapters import AdapterRegistry
 from app.services.inputs import InputImage
 from app.store.files import ImageFiles
 from app.worker.protocol import (
     SCHEDULERS,
     GenerationParams,
     Image,
+    LoraRef,
     Partial,
     Started,
     WorkerEvent,
@@ -137,12 +139,14 @@ class ImageService:
         files: ImageFiles,
         clock: Callable[[], float] = time.time,
         guard: Guard | None = None,
+        adapters: AdapterRegistry | None = None,
     ):
         self.settings = settings
         self.pool = pool
         self.files = files
         self.clock = clock
         self.guard = guard
+        self.adapters = adapters or AdapterRegistry(settings)
         self._models = {m.name: m for m in settings.resolved_models()}
         for name in self._models:  # every series exists from the start, so rates and alerts see zeros
             for outcome in ("success", "error", "cancelled", "rejected"):
@@ -288,6 +292,11 @@ class ImageService:
                 f"The model '{model.name}' does not support {TASK_NAMES[task]}.", param=param, code="unsupported"
             )
 
+    def _loras(self, model: ModelConfig, req: ImageGenerateRequest | ImageEditRequest) -> tuple[LoraRef, ...]:
+        details = self.pool.details(model.name)
+        supported = details.lora if details is not None else None
+        return self.adapters.resolve(model.name, getattr(req, "loras", None), supported=supported)
+
     def prepare(self, req: ImageGenerateRequest) -> Job:
         """Check ``req`` against its model and turn it into a job.
 
@@ -318,6 +327,7 @@ class ImageService:
             output_format=req.output_format or "png",
             output_compression=req.output_compression,
             request_id=f"img_{_request_id()}",
+            loras=self._loras(model, req),
         )
         return Job(
             params=params,
@@ -408,6 +418,7 @@ class ImageService:
             strength=strength,
             image_bytes=image.size,
             mask_bytes=mask.size if mask is not None else 0,
+            loras=self._loras(model, req) if task != "background_removal" else (),
         )
         return Job(
             params=params,
@@ -502,6 +513,8 @@ class ImageService:
             InvalidRequest: that model cannot take the job (its size, steps, images or guidance).
         """
         model = self._models[name]
+        if p.loras:
+            raise InvalidRequest(f"'{name}' cannot take the job: its LoRA adapters belong to '{p.model}'.")
         self._size(model, f"{p.width}x{p.height}")
         if p.n > model.max_n or p.steps > model.max_steps:
             raise InvalidRequest(f"'{name}' takes at most {model.max_n} images and {model.max_steps} steps.")

@@ -81,6 +81,7 @@ REQUEST_STRUCTS = {
     protocol.ImageEditRequest,
     protocol.ImageRef,
     protocol.Fallback,
+    protocol.LoraSpec,
     protocol.ImageEditJsonRequest,
     protocol.ImageVariationRequest,
     admin_protocol.KeyCreate,

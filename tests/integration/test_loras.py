@@ -1,0 +1,104 @@
+"""``loras`` on image requests, in process with a fake backend: resolved to adapter digests, or refused with a 400."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from app.backends.fake import FakeBackend
+from app.config import DEMO_MODEL, demo_model
+from app.worker.protocol import LoraRef
+from tests.integration.conftest import make_client
+from tests.integration.test_edits import data_url, png
+from tests.integration.test_jobs import wait_for
+
+
+def safetensors(path: Path, names: list[str]) -> str:
+    """A small safetensors file with these tensor names (its bytes differ by file name); returns its SHA-256."""
+    header: dict = {}
+    offset = 0
+    for name in names:
+        header[name] = {"dtype": "F32", "shape": [2, 2], "data_offsets": [offset, offset + 16]}
+        offset += 16
+    raw = json.dumps(header).encode()
+    fill = hashlib.sha256(path.name.encode()).digest()[:1]
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + fill * offset)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def adapters(tmp_path) -> dict[str, str]:
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    lora = [
+        "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight",
+        "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight",
+    ]
+    digests = {name: safetensors(folder / f"{name}.safetensors", lora) for name in ("style", "product", "extra")}
+    safetensors(folder / "not-a-lora.safetensors", ["unet.conv_in.weight"])  # skipped, with a warning
+    (folder / "readme.txt").write_text("not an adapter")
+    return digests
+
+
+@pytest.fixture
+def client(tmp_path, adapters):
+    fake = FakeBackend(models=[DEMO_MODEL])
+    model = demo_model(str(tmp_path))
+    model.adapters_dir = str(tmp_path / "loras")
+    with make_client(tmp_path, [(fake, [DEMO_MODEL])], models=[msgspec.to_builtins(model)], max_loras=2) as tc:
+        tc.fake = fake  # type: ignore[attr-defined]
+        yield tc
+
+
+BODY = {"prompt": "a red fox", "size": "64x64"}
+
+
+def test_loras_reach_the_backend_as_digests_with_their_scales(client, adapters):
+    r = client.post(
+        "/v1/images/generations", json={**BODY, "loras": [{"id": "style", "scale": 0.7}, {"id": "product"}]}
+    )
+    assert r.status_code == 200, r.text
+    assert client.fake.last_params.loras == (LoraRef(adapters["style"], 0.7), LoraRef(adapters["product"], 1.0))
+    client.post("/v1/images/generations", json=BODY)
+    assert client.fake.last_params.loras == ()
+    r = client.post(
+        "/v1/images/edits",
+        json={"prompt": "a hat", "images": [{"image_url": data_url(png())}], "loras": [{"id": "extra", "scale": -0.5}]},
+    )
+    assert r.status_code == 200, r.text
+    assert client.fake.last_params.loras == (LoraRef(adapters["extra"], -0.5),)
+
+
+def test_a_job_keeps_its_loras(client, adapters):
+    r = client.post(
+        "/v1/images/generations",
+        json={**BODY, "loras": [{"id": "style", "scale": 0.3}]},
+        headers={"prefer": "respond-async"},
+    )
+    assert wait_for(client, r.json()["id"])["status"] == "succeeded"
+    assert client.fake.last_params.loras == (LoraRef(adapters["style"], 0.3),)
+
+
+@pytest.mark.parametrize(
+    ("loras", "message"),
+    [
+        ([{"id": "nope"}], "does not exist"),
+        ([{"id": "not-a-lora"}], "does not exist"),
+        ([{"id": "style"}, {"id": "style", "scale": 0.5}], "named twice"),
+        ([{"id": "style"}, {"id": "product"}, {"id": "extra"}], "At most 2"),
+        ([{"id": "style", "scale": 2.5}], "<= 2.0"),
+        ([{"id": ""}], "length >= 1"),
+    ],
+)
+def test_bad_loras_are_a_400_before_anything_runs(client, loras, message):
+    started = client.fake.started
+    r = client.post("/v1/images/generations", json={**BODY, "loras": loras})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and error["param"] in ("loras", "loras[0].scale", "loras[0].id")
+    assert client.fake.started == started
