@@ -1,4 +1,4 @@
-"""LoRA adapters through a real `imagegate serve` and the official SDK: sent to the worker by digest, applied per job."""
+"""LoRA adapters through a real `imagegate serve` and the official SDK: sent to workers by digest, applied per job."""
 
 from __future__ import annotations
 
