@@ -20,7 +20,7 @@ from litestar.di import Provide
 from litestar.plugins.prometheus import PrometheusController
 from litestar.static_files import create_static_files_router
 
-from app.api.admin import AdminController
+from app.api.admin import AdaptersController, AdminController
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.images import ImagesController, UploadsController
 from app.api.infer import InferController
@@ -45,6 +45,7 @@ from app.services.infer import InferService, make_enhancer
 from app.services.jobs import JobService
 from app.services.keys import KeyService
 from app.services.webhooks import WebhookSender
+from app.store.adapters import AdapterStore
 from app.store.db import Database
 from app.store.files import JOB_ROUTE, ImageFiles, load_or_create_secret
 from app.store.jobs import JobStore
@@ -83,7 +84,8 @@ def create_app(
         supervisor: Supervisor | None = None
         remote: RemoteWorkers | None = None
         runtime_dir = Path(tempfile.mkdtemp(prefix="imagegate-"))
-        adapters = AdapterRegistry(settings)
+        db = Database(settings.database())
+        adapters = AdapterRegistry(settings, AdapterStore(db, data_dir / "adapters"), clock=clock)
         await asyncio.to_thread(adapters.scan)
         if backends is None:
             supervisor = Supervisor(settings, pool, runtime_dir, adapter_file=adapters.file)
@@ -93,7 +95,6 @@ def create_app(
         else:
             for backend, models in backends:
                 pool.add(backend, models, state=BackendState.READY)
-        db = Database(settings.database())
         store = SqlKeyStore(db)
         guard = Guard(store, clock=clock)
         images = ImageService(settings, pool, files, guard=guard, adapters=adapters)
@@ -114,6 +115,7 @@ def create_app(
             jobs=jobs,
             infer=InferService(settings, images, jobs, enhancer),
             job_files=job_files,
+            adapters=adapters,
             webhooks=webhooks,
             supervisor=supervisor,
             auth=Authenticator(settings, store, clock=clock),
@@ -173,6 +175,7 @@ def create_app(
             WebhookSecretsController,
             InferController,
             AdminController,
+            AdaptersController,
             SystemController,
             PrometheusController,
             PlaygroundController,
@@ -187,6 +190,7 @@ def create_app(
             "files": from_state("files"),
             "job_files": from_state("job_files"),
             "jobs": from_state("jobs"),
+            "adapters": from_state("adapters"),
             "infer": from_state("infer"),
             "webhooks": from_state("webhooks"),
             "keys": from_state("keys"),

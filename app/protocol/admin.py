@@ -71,3 +71,24 @@ class CreatedKey(KeyView, kw_only=True):
 class KeyList(msgspec.Struct):
     data: list[KeyView]
     object: str = "list"
+
+
+class AdapterView(msgspec.Struct, kw_only=True):
+    """A LoRA adapter of one base model; ``owner`` null: any key that may use the model may apply it."""
+
+    id: str
+    object: Literal["adapter"] = "adapter"
+    model: str
+    name: str
+    trigger_word: str | None
+    digest: str
+    """SHA-256 of the file: how workers keep and load it."""
+    size: int
+    owner: str | None
+    source: Literal["config", "upload", "training"]
+    created_at: int
+
+
+class AdapterList(msgspec.Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[AdapterView]

@@ -292,12 +292,14 @@ class ImageService:
                 f"The model '{model.name}' does not support {TASK_NAMES[task]}.", param=param, code="unsupported"
             )
 
-    def _loras(self, model: ModelConfig, req: ImageGenerateRequest | ImageEditRequest) -> tuple[LoraRef, ...]:
+    def _loras(
+        self, model: ModelConfig, req: ImageGenerateRequest | ImageEditRequest, principal: Principal
+    ) -> tuple[LoraRef, ...]:
         details = self.pool.details(model.name)
         supported = details.lora if details is not None else None
-        return self.adapters.resolve(model.name, getattr(req, "loras", None), supported=supported)
+        return self.adapters.resolve(model.name, getattr(req, "loras", None), principal, supported=supported)
 
-    def prepare(self, req: ImageGenerateRequest) -> Job:
+    def prepare(self, req: ImageGenerateRequest, principal: Principal = ANONYMOUS) -> Job:
         """Check ``req`` against its model and turn it into a job.
 
         Raises:
@@ -327,7 +329,7 @@ class ImageService:
             output_format=req.output_format or "png",
             output_compression=req.output_compression,
             request_id=f"img_{_request_id()}",
-            loras=self._loras(model, req),
+            loras=self._loras(model, req, principal),
         )
         return Job(
             params=params,
@@ -336,16 +338,24 @@ class ImageService:
             response_format=req.response_format or self.settings.default_response_format,
         )
 
-    def prepare_edit(self, req: ImageEditRequest, images: list[InputImage], mask: InputImage | None) -> Job:
+    def prepare_edit(
+        self,
+        req: ImageEditRequest,
+        images: list[InputImage],
+        mask: InputImage | None,
+        principal: Principal = ANONYMOUS,
+    ) -> Job:
         """Check an edit and turn it into a job that owns its input files (closed here if refused)."""
         try:
-            return self._prepare_edit(req, images, mask)
+            return self._prepare_edit(req, images, mask, principal)
         except BaseException:
             for i in [*images, *([mask] if mask else [])]:
                 i.close()
             raise
 
-    def _prepare_edit(self, req: ImageEditRequest, images: list[InputImage], mask: InputImage | None) -> Job:
+    def _prepare_edit(
+        self, req: ImageEditRequest, images: list[InputImage], mask: InputImage | None, principal: Principal
+    ) -> Job:
         model = self._model(req.model)
         if not images:
             raise InvalidRequest("At least one image is required (field 'image' or 'image[]').", param="image")
@@ -418,7 +428,7 @@ class ImageService:
             strength=strength,
             image_bytes=image.size,
             mask_bytes=mask.size if mask is not None else 0,
-            loras=self._loras(model, req) if task != "background_removal" else (),
+            loras=self._loras(model, req, principal) if task != "background_removal" else (),
         )
         return Job(
             params=params,
@@ -526,11 +536,11 @@ class ImageService:
         self, req: ImageGenerateRequest, base_url: str, principal: Principal = ANONYMOUS
     ) -> ImagesResponse:
         """Run a generation to the end and return every image at once."""
-        return await self.respond(self.prepare(req), base_url, principal, req.fallbacks)
+        return await self.respond(self.prepare(req, principal), base_url, principal, req.fallbacks)
 
     async def stream(self, req: ImageGenerateRequest, principal: Principal = ANONYMOUS) -> EventStream:
         """Validate and admit now (so errors get their HTTP status); the events follow from the returned stream."""
-        return await self.open_stream(self.prepare(req), principal, req.fallbacks)
+        return await self.open_stream(self.prepare(req, principal), principal, req.fallbacks)
 
     async def edit(
         self,
@@ -540,12 +550,12 @@ class ImageService:
         base_url: str,
         principal: Principal = ANONYMOUS,
     ) -> ImagesResponse:
-        return await self.respond(self.prepare_edit(req, images, mask), base_url, principal, req.fallbacks)
+        return await self.respond(self.prepare_edit(req, images, mask, principal), base_url, principal, req.fallbacks)
 
     async def edit_stream(
         self, req: ImageEditRequest, images: list[InputImage], mask: InputImage | None, principal: Principal = ANONYMOUS
     ) -> EventStream:
-        return await self.open_stream(self.prepare_edit(req, images, mask), principal, req.fallbacks)
+        return await self.open_stream(self.prepare_edit(req, images, mask, principal), principal, req.fallbacks)
 
     async def variation(
         self, req: ImageVariationRequest, images: list[InputImage], base_url: str, principal: Principal = ANONYMOUS

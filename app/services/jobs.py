@@ -180,11 +180,13 @@ class JobService:
 
     # -- submitting ---------------------------------------------------------------------------------------------
 
-    def _prepare(self, kind: str, req: Request, images: list[InputImage], mask: InputImage | None) -> Job:
+    def _prepare(
+        self, kind: str, req: Request, images: list[InputImage], mask: InputImage | None, principal: Principal
+    ) -> Job:
         if kind == "image.generation":
-            return self.images.prepare(req)  # type: ignore[arg-type]
+            return self.images.prepare(req, principal)  # type: ignore[arg-type]
         if kind == "image.edit":
-            return self.images.prepare_edit(req, images, mask)  # type: ignore[arg-type]
+            return self.images.prepare_edit(req, images, mask, principal)  # type: ignore[arg-type]
         return self.images.prepare_variation(req, images)  # type: ignore[arg-type]
 
     async def submit(
@@ -214,7 +216,7 @@ class JobService:
                 # A job keeps the partial images it was asked for (streamed or not): its events route shows them.
                 req = msgspec.structs.replace(req, stream=bool(req.partial_images))  # type: ignore[arg-type]
             fingerprint = self._fingerprint(kind, req, given)
-            job = self._prepare(kind, req, list(images), mask)
+            job = self._prepare(kind, req, list(images), mask, principal)
             self.images.check_fallbacks(job, req.fallbacks, principal)
             webhook_url = await self._webhook_target(req.webhook_url)
             req = msgspec.structs.replace(req, seed=job.params.seed)  # a rerun draws the same image
@@ -600,7 +602,7 @@ class JobService:
         ]
         fields = msgspec.json.decode(record.principal)
         principal = Principal(**{**fields, "models": tuple(fields["models"])})
-        job = self._prepare(record.kind, req, inputs[:1], inputs[1] if len(inputs) > 1 else None)
+        job = self._prepare(record.kind, req, inputs[:1], inputs[1] if len(inputs) > 1 else None, principal)
         outputs: dict[int, tuple[str, int]] = {}
         prompt_tokens, last_write = 0, 0.0
         async with contextlib.aclosing(self.images.run_job(job, principal, req.fallbacks)) as events:

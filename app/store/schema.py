@@ -150,3 +150,19 @@ webhook_endpoints = Table(
     Column("reason", Text, nullable=False),
 )
 """URLs that answered 410 Gone: nothing more is sent to them."""
+
+adapters = Table(
+    "adapters",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("model", String, nullable=False),
+    Column("name", String, nullable=False),
+    Column("trigger_word", String),
+    Column("digest", String, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("owner", String),
+    Column("source", String, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("adapters_model", "model"),
+)
+"""LoRA adapters of the base models, uploaded (later: trained); the file is kept by its digest, shared between rows."""

@@ -102,3 +102,66 @@ def test_bad_loras_are_a_400_before_anything_runs(client, loras, message):
     error = r.json()["error"]
     assert message in error["message"] and error["param"] in ("loras", "loras[0].scale", "loras[0].id")
     assert client.fake.started == started
+
+
+ADMIN = {"authorization": "Bearer admin-key"}
+LORA_NAMES = ["unet.mid_block.attentions.0.proj_in.lora_A.weight", "unet.mid_block.attentions.0.proj_in.lora_B.weight"]
+
+
+@pytest.fixture
+def admin_client(tmp_path):
+    fake = FakeBackend(models=[DEMO_MODEL])
+    with make_client(tmp_path, [(fake, [DEMO_MODEL])], admin_key="admin-key") as tc:
+        tc.fake = fake  # type: ignore[attr-defined]
+        yield tc
+
+
+def test_uploaded_adapters_are_checked_kept_by_digest_owned_and_deleted(admin_client, tmp_path):
+    client = admin_client
+    key = client.post("/admin/keys", json={"alias": "brand"}, headers=ADMIN).json()
+    other = client.post("/admin/keys", json={"alias": "other"}, headers=ADMIN).json()
+    as_key, as_other = ({"authorization": f"Bearer {k['key']}"} for k in (key, other))
+    digest = safetensors(tmp_path / "brand.safetensors", LORA_NAMES)
+    data = (tmp_path / "brand.safetensors").read_bytes()
+    upload = {"model": DEMO_MODEL, "name": "brand", "trigger_word": "FJA90AB", "owner": key["id"]}
+    r = client.post("/admin/adapters", params=upload, content=data, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    adapter = r.json()
+    assert adapter["digest"] == digest and adapter["size"] == len(data) and adapter["owner"] == key["id"]
+    assert (tmp_path / "adapters" / f"{digest}.safetensors").read_bytes() == data
+    again = client.post("/admin/adapters", params={"model": DEMO_MODEL}, content=data, headers=ADMIN).json()
+    assert again["id"] != adapter["id"] and again["owner"] is None  # a second record of the same file
+
+    body = {**BODY, "loras": [{"id": adapter["id"], "scale": 0.5}]}
+    assert client.post("/v1/images/generations", json=body, headers=as_key).status_code == 200
+    assert client.fake.last_params.loras == (LoraRef(digest, 0.5),)
+    denied = client.post("/v1/images/generations", json=body, headers=as_other)
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "adapter_not_allowed"
+    listed = client.get("/v1/adapters", headers=as_other).json()["data"]
+    assert [a["id"] for a in listed] == [again["id"]]  # not the other key's
+    assert len(client.get("/admin/adapters", params={"model": DEMO_MODEL}, headers=ADMIN).json()["data"]) == 2
+    assert client.get(f"/admin/adapters/{adapter['id']}", headers=ADMIN).json() == adapter
+    assert client.post("/admin/adapters", params=upload, content=data, headers=as_key).status_code == 403
+
+    assert client.delete(f"/admin/adapters/{adapter['id']}", headers=ADMIN).status_code == 204
+    assert (tmp_path / "adapters" / f"{digest}.safetensors").exists()  # the other record still uses the file
+    assert client.delete(f"/admin/adapters/{again['id']}", headers=ADMIN).status_code == 204
+    assert not (tmp_path / "adapters" / f"{digest}.safetensors").exists()
+    gone = client.post("/v1/images/generations", json=body, headers=as_key)
+    assert gone.status_code == 400 and gone.json()["error"]["code"] == "adapter_not_found"
+    assert client.delete(f"/admin/adapters/{adapter['id']}", headers=ADMIN).status_code == 404
+
+
+def test_bad_uploads_store_nothing(admin_client, tmp_path):
+    client = admin_client
+    safetensors(tmp_path / "plain.safetensors", ["unet.conv_in.weight"])
+    cases = [
+        ({"model": DEMO_MODEL}, b"not safetensors at all", 400),
+        ({"model": DEMO_MODEL}, (tmp_path / "plain.safetensors").read_bytes(), 400),
+        ({"model": "nope"}, b"x" * 100, 404),
+    ]
+    for params, data, status in cases:
+        r = client.post("/admin/adapters", params=params, content=data, headers=ADMIN)
+        assert r.status_code == status, r.text
+    assert client.get("/admin/adapters", headers=ADMIN).json()["data"] == []
+    assert [p.name for p in (tmp_path / "adapters").iterdir()] == []
