@@ -25,12 +25,14 @@ from app.worker.protocol import (
     Failed,
     GenerationParams,
     Image,
+    LoraRef,
     Partial,
     Progress,
     WorkerEvent,
 )
 
 from ..families import FAMILIES, save_family
+from ..lora import random_lora
 
 SIDE = 64
 # Family name -> (its family in the worker, its edit tasks, whether its partial images decode).
@@ -285,3 +287,22 @@ async def test_quantized_denoiser(family_dir):
         assert [size(d) for d in images(await run(engine, p, png()))] == [(SIDE, SIDE)]
     finally:
         await engine.stop()
+
+
+async def test_lora_adapters_apply_where_the_family_loads_them(engine, tmp_path):
+    (name,) = engine.models
+    loaded = engine.models[name]
+    supported = engine.health().details[name].lora
+    if not supported:  # PixArt and HunyuanDiT pipelines load no LoRA: the model says so, and a job asking fails
+        assert loaded.adapters is None and name in ("pixart_sigma", "hunyuandit")
+        refused = await run(engine, params(engine, loras=(LoraRef("0" * 64, 1.0),)))
+        assert isinstance(refused[-1], Failed) and refused[-1].kind == "invalid_request"
+        return
+    path = tmp_path / "lora.safetensors"
+    digest = random_lora(loaded.pipe, path, seed=7)
+    engine.adapter_files.put(digest, path.read_bytes())
+    base = images(await run(engine, params(engine)))[0]
+    styled = images(await run(engine, params(engine, loras=(LoraRef(digest, 1.0),))))[0]
+    zero = images(await run(engine, params(engine, loras=(LoraRef(digest, 0.0),))))[0]
+    assert styled != base and zero == base
+    assert images(await run(engine, params(engine)))[0] == base
