@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -38,6 +39,8 @@ def parse_address(address: str) -> tuple[str | None, str]:
 
 
 CHUNK = 1 << 20
+RECENT_ADAPTERS = 8
+"""Adapters a worker client remembers as run last: what a worker most likely still has loaded (its default LRU)."""
 
 
 async def _stream_body(head: bytes, attachments: Sequence[BinaryIO]) -> AsyncIterator[bytes]:
@@ -65,6 +68,7 @@ class WorkerBackend:
         self.address = address
         self.adapter_file = adapter_file
         """Where the gateway keeps the adapter file of a digest (jobs with LoRA adapters need it)."""
+        self._recent: OrderedDict[str, None] = OrderedDict()
         self._socket_path, self._base = parse_address(address)
         self._headers = {TOKEN_HEADER: token} if token else {}
         self._connect_timeout = connect_timeout
@@ -121,6 +125,17 @@ class WorkerBackend:
                 # Closing the connection is what tells the worker to cancel the job.
                 resp.close()
 
+    @property
+    def adapters(self) -> frozenset[str]:
+        """Digests of the adapters this worker ran last (so most likely still loaded): routing prefers it for them."""
+        return frozenset(self._recent)
+
+    def _ran(self, digest: str) -> None:
+        self._recent[digest] = None
+        self._recent.move_to_end(digest)
+        while len(self._recent) > RECENT_ADAPTERS:
+            self._recent.popitem(last=False)
+
     async def send_adapters(self, loras: Sequence[LoraRef]) -> None:
         """Make sure the worker has each adapter's file: it keeps them by digest, so each is sent once.
 
@@ -131,6 +146,7 @@ class WorkerBackend:
             url = f"{self._base}/adapters/{ref.digest}"
             async with self._client().head(url) as resp:
                 if resp.status == 200:
+                    self._ran(ref.digest)
                     continue
             if self.adapter_file is None:
                 raise BackendFailed(f"worker {self.name} lacks adapter {ref.digest[:12]} and none can be sent")
@@ -139,6 +155,7 @@ class WorkerBackend:
                 if resp.status != 204:
                     text = (await resp.text())[:200]
                     raise BackendFailed(f"worker {self.name} refused adapter {ref.digest[:12]}: {resp.status} {text}")
+            self._ran(ref.digest)
 
     async def health(self) -> HealthInfo:
         try:

@@ -74,7 +74,7 @@ class Dispatch:
         """
         p = self.params
         try:
-            self.lease = self.pool.acquire(p.model, p.work, p.task)
+            self.lease = self.pool.acquire(p.model, p.work, p.task, adapters=frozenset(r.digest for r in p.loras))
         except (Overloaded, Unavailable) as e:
             if not self._fall_back(e):
                 raise
@@ -109,7 +109,14 @@ class Dispatch:
         if len(self.tried) < self.max_attempts:
             p = self.params
             try:
-                self.lease = self.pool.acquire(p.model, p.work, p.task, exclude=self.tried, queue_bound=False)
+                self.lease = self.pool.acquire(
+                    p.model,
+                    p.work,
+                    p.task,
+                    exclude=self.tried,
+                    queue_bound=False,
+                    adapters=frozenset(r.digest for r in p.loras),
+                )
             except (Overloaded, Unavailable):
                 pass
             else:

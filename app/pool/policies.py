@@ -68,6 +68,22 @@ class PowerOfTwoLeastWork:
         return first if a < b else second
 
 
+def adapter_affinity(candidates: Sequence[Member], adapters: frozenset[str], work: float) -> Member | None:
+    """A backend that already holds a request's LoRA adapters, unless that would overload it; None: route as usual.
+
+    1. Among the candidates whose backend holds every adapter of the request (it ran them lately, so they are loaded
+       and need neither a transfer nor a load), take the one with the least ``outstanding_work / weight``.
+    2. Use it if its load is at most the least-loaded candidate's plus this request's own work: waiting behind one
+       more request costs less than loading the adapters elsewhere, waiting behind more does not.
+    """
+    warm = [m for m in candidates if adapters <= getattr(m.backend, "adapters", frozenset())]
+    if not warm:
+        return None
+    best_warm = min(warm, key=_load)
+    least = min(_load(m)[0] for m in candidates)
+    return best_warm if _load(best_warm)[0] <= least + work / best_warm.weight else None
+
+
 POLICIES: dict[str, type[LeastOutstandingWork | PowerOfTwoLeastWork]] = {
     "least_work_p2c": PowerOfTwoLeastWork,
     "least_work": LeastOutstandingWork,

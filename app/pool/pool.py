@@ -15,7 +15,7 @@ from app import metrics
 from app.backends.base import Backend
 from app.config import ModelConfig
 from app.errors import BackendFailed, Overloaded, Unavailable
-from app.pool.policies import PowerOfTwoLeastWork, RoutingPolicy
+from app.pool.policies import PowerOfTwoLeastWork, RoutingPolicy, adapter_affinity
 from app.worker.protocol import HealthInfo, ModelDetails
 
 log = logging.getLogger("imagegate.pool")
@@ -293,10 +293,13 @@ class Pool:
         *,
         exclude: Iterable[Member] = (),
         queue_bound: bool = True,
+        adapters: frozenset[str] = frozenset(),
     ) -> Lease:
         """Admit a request for ``model`` and pick a backend that can run ``task`` (none of ``exclude``).
 
         ``queue_bound=False`` admits past ``max_queue``: for a request already admitted, moving to another backend.
+        ``adapters`` (the digests of a request's LoRA adapters) prefer a backend that holds them
+        (:func:`~app.pool.policies.adapter_affinity`).
 
         Raises:
             Unavailable: no backend for the model is ready (or the pool is draining).
@@ -323,7 +326,7 @@ class Pool:
                 f"The queue for model '{model}' is full ({config.max_queue} waiting); retry later.",
                 retry_after=max(1.0, math.ceil(estimate)),
             )
-        member = self.policy.choose(candidates, work)
+        member = (adapters and adapter_affinity(candidates, adapters, work)) or self.policy.choose(candidates, work)
         metrics.BACKEND_REQUESTS.labels(member.name).inc()
         member.outstanding += 1
         member.outstanding_work += work

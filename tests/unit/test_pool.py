@@ -783,3 +783,24 @@ def test_per_backend_gauges_follow_acquire_started_release():
     assert _backend_gauges(name) == (0, 0, 2)
     b.release(succeeded=False)
     assert _backend_gauges(name) == (0, 0, 2)
+
+
+def test_adapter_affinity_prefers_a_backend_that_holds_the_adapters_unless_it_is_busier():
+    from app.pool.policies import adapter_affinity
+
+    cold, warm = FakeBackend(name="cold"), FakeBackend(name="warm")
+    warm.adapters = frozenset({"d1", "d2"})  # type: ignore[attr-defined]
+    pool = Pool([ModelConfig(name="m", path="x")])
+    a = pool.add(cold, ["m"], state=State.READY)
+    b = pool.add(warm, ["m"], state=State.READY)
+    assert adapter_affinity([a, b], frozenset({"d1"}), 10.0) is b
+    assert adapter_affinity([a, b], frozenset({"d1", "d3"}), 10.0) is None  # it lacks one: route as usual
+    b.outstanding_work = 10.0  # one request's work more than the idle one: still worth it
+    assert adapter_affinity([a, b], frozenset({"d1"}), 10.0) is b
+    b.outstanding_work = 25.0  # more than that: the idle backend loads the adapter instead
+    assert adapter_affinity([a, b], frozenset({"d1"}), 10.0) is None
+    b.outstanding_work = 0.0
+    for _ in range(5):  # through the pool: the warm backend each time while it is no busier
+        lease = pool.acquire("m", 10.0, adapters=frozenset({"d2"}))
+        assert lease.member is b
+        lease.release(succeeded=True)
