@@ -165,6 +165,9 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_loaded_adapters: Annotated[
         int, _doc("LoRA adapters a worker keeps loaded for this model; the least recently used go first.")
     ] = 8
+    max_adapter_mb: Annotated[
+        int, _doc("Megabytes of LoRA adapter weights a worker keeps loaded for this model (least recently used first).")
+    ] = 2048
     project: Annotated[
         str, _doc("Project the model belongs to in the custom-models inference API (/infer_api/v1/projects).")
     ] = "default"

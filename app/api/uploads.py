@@ -12,6 +12,7 @@ none is named) and coerced with the same rules as JSON. Files may come as ``imag
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
@@ -36,6 +37,7 @@ MAX_FIELD_BYTES = 256 * 1024
 _IMAGE_FIELDS = ("image", "image[]")
 _MASK_FIELDS = ("mask", "mask[]")
 _LIST_FIELDS = ("fallbacks", "webhook_events")
+_JSON_FIELDS = ("loras",)
 
 
 @dataclass
@@ -182,6 +184,11 @@ async def _multipart(request: Request, settings: Settings, cls: type[S], *, with
         for name, items in form.text.items():
             if name in _LIST_FIELDS:  # repeated parts (`fallbacks` or `fallbacks[]`) make a list
                 values[name] = items
+            elif name in _JSON_FIELDS and len(items) == 1:  # a list of objects travels as one JSON text part
+                try:
+                    values[name] = json.loads(items[0])
+                except ValueError:
+                    raise InvalidRequest(f"The '{name}' field must be a JSON array.", param=name) from None
             elif len(items) > 1:
                 raise InvalidRequest(f"The '{name}' field was sent {len(items)} times; send it once.", param=name)
             else:

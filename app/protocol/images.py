@@ -86,6 +86,8 @@ class ImageEditRequest(_ImageOptions, kw_only=True):
     type: Literal["inpainting", "outpainting", "background_removal"] | None = None
     input_fidelity: Literal["low", "high"] | None = None
     strength: Annotated[float, Meta(gt=0, le=1)] | None = None
+    loras: Annotated[list[LoraSpec], Meta(max_length=16)] | None = None
+    """In the multipart form: one text part holding the JSON array."""
 
 
 class ImageRef(msgspec.Struct, kw_only=True):
@@ -100,7 +102,6 @@ class ImageEditJsonRequest(ImageEditRequest, kw_only=True):
 
     images: Annotated[list[ImageRef], Meta(min_length=1)]
     mask: ImageRef | None = None
-    loras: Annotated[list[LoraSpec], Meta(max_length=16)] | None = None
 
 
 class ImageVariationRequest(_JobOptions, kw_only=True):
@@ -198,6 +199,8 @@ class Model(msgspec.Struct, kw_only=True):
     schedulers: list[str] | UnsetType = UNSET
     default_steps: int | UnsetType = UNSET
     default_guidance: float | UnsetType = UNSET
+    lora: bool | UnsetType = UNSET
+    """Its pipeline loads LoRA adapters (``loras`` on requests)."""
 
 
 class ModelList(msgspec.Struct):

@@ -184,6 +184,7 @@ class ImageService:
             schedulers=schedulers if schedulers is not None else UNSET,
             default_steps=self._default_steps(model) if known or model.default_steps else UNSET,
             default_guidance=self._guidance(model, None) if known or model.default_guidance is not None else UNSET,
+            lora=details.lora if details else UNSET,
         )
 
     # -- validation ---------------------------------------------------------------------------------------------

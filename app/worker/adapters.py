@@ -63,13 +63,19 @@ def adapter_name(digest: str) -> str:
 
 
 class LoadedAdapters:
-    """The adapters loaded into one model's pipeline, least recently used first."""
+    """The adapters loaded into one model's pipeline, least recently used first.
 
-    def __init__(self, pipe: Any, files: AdapterFiles, limit: int) -> None:
+    At most ``limit`` adapters and ``max_bytes`` of adapter weights (their files' sizes) stay loaded; the adapters a
+    job runs with are never the ones evicted for it.
+    """
+
+    def __init__(self, pipe: Any, files: AdapterFiles, limit: int, max_bytes: int = 1 << 62) -> None:
         self.pipe = pipe
         self.files = files
         self.limit = max(1, limit)
-        self.loaded: OrderedDict[str, None] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.loaded: OrderedDict[str, int] = OrderedDict()
+        """Adapter name -> its file's size."""
         self.active: tuple[LoraRef, ...] = ()
         self.loads = 0
         self.evictions = 0
@@ -108,15 +114,15 @@ class LoadedAdapters:
             with contextlib.suppress(Exception):
                 self.pipe.delete_adapters([name])
             raise InvalidInput(f"the adapter {digest[:12]} does not fit this model: {e}") from None
-        self.loaded[name] = None
+        self.loaded[name] = self.files.path(digest).stat().st_size
         self.loads += 1
 
     def _evict(self, keep: set[str]) -> None:
         for name in list(self.loaded):
-            if len(self.loaded) <= self.limit:
+            if len(self.loaded) <= self.limit and sum(self.loaded.values()) <= self.max_bytes:
                 return
             if name not in keep:
                 self.pipe.delete_adapters([name])
                 del self.loaded[name]
                 self.evictions += 1
-                log.info("evicted adapter %s (more than %d loaded)", name, self.limit)
+                log.info("evicted adapter %s (past %d adapters or %d bytes loaded)", name, self.limit, self.max_bytes)

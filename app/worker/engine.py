@@ -164,7 +164,9 @@ class Engine:
         for config in self.configs:
             loaded = load_model(config, self.device)
             if hasattr(loaded.pipe, "load_lora_weights"):
-                loaded.adapters = LoadedAdapters(loaded.pipe, self.adapter_files, config.max_loaded_adapters)
+                loaded.adapters = LoadedAdapters(
+                    loaded.pipe, self.adapter_files, config.max_loaded_adapters, config.max_adapter_mb << 20
+                )
             self.models[config.name] = loaded  # warmed up by its start-up check
 
     def health(self) -> HealthInfo:

@@ -6,6 +6,7 @@ import base64
 import json
 import shutil
 
+import httpx
 import msgspec
 import pytest
 
@@ -41,6 +42,9 @@ def image(sdk, **extra) -> bytes:
 
 def test_adapters_through_the_sdk(lora_server):
     sdk = lora_server.sdk()
+    assert httpx.get(f"{lora_server.url}/v1/models/{MODEL}").json()["lora"] is True
+    listed = httpx.get(f"{lora_server.url}/v1/adapters").json()["data"]
+    assert sorted(a["id"] for a in listed) == ["ink", "neon"] and {a["source"] for a in listed} == {"config"}
     base = image(sdk)
     ink = image(sdk, loras=[{"id": "ink"}])
     both = image(sdk, loras=[{"id": "ink", "scale": 0.5}, {"id": "neon", "scale": 0.8}])

@@ -165,3 +165,13 @@ def test_bad_uploads_store_nothing(admin_client, tmp_path):
         assert r.status_code == status, r.text
     assert client.get("/admin/adapters", headers=ADMIN).json()["data"] == []
     assert [p.name for p in (tmp_path / "adapters").iterdir()] == []
+
+
+def test_multipart_edits_take_loras_as_a_json_part(client, adapters):
+    files = {"image": ("in.png", png(), "image/png")}
+    form = {"prompt": "a hat", "loras": json.dumps([{"id": "product", "scale": 0.25}])}
+    r = client.post("/v1/images/edits", files=files, data=form)
+    assert r.status_code == 200, r.text
+    assert client.fake.last_params.loras == (LoraRef(adapters["product"], 0.25),)
+    bad = client.post("/v1/images/edits", files=files, data={**form, "loras": "product:0.25"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "loras"

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from app.config import demo_model
-from app.worker.adapters import AdapterFiles
+from app.worker.adapters import AdapterFiles, LoadedAdapters, adapter_name
 from app.worker.engine import Engine
 from app.worker.pipelines import create_demo_model, quiet_libraries
 from app.worker.protocol import Failed, GenerationParams, Image, LoraRef, Started
@@ -121,3 +121,26 @@ def test_files_are_kept_by_their_digest(tmp_path):
     assert not files.has(digest)
     files.put(digest, data)
     assert files.has(digest) and files.path(digest).read_bytes() == data
+
+
+def test_the_lru_is_bounded_by_bytes_too(tmp_path):
+    class Pipe:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def __getattr__(self, name):
+            return lambda *a, **kw: self.calls.append((name, a))
+
+    files = AdapterFiles(tmp_path)
+    digests = []
+    for k in range(3):
+        data = bytes([k]) * 1000
+        digests.append(hashlib.sha256(data).hexdigest())
+        files.put(digests[-1], data)
+    pipe = Pipe()
+    adapters = LoadedAdapters(pipe, files, limit=10, max_bytes=2500)
+    for d in digests:
+        adapters.apply([LoraRef(d, 1.0)])
+    assert len(adapters.loaded) == 2 and adapters.evictions == 1  # 3,000 bytes would be past 2,500
+    adapters.apply([LoraRef(digests[1], 1.0), LoraRef(digests[2], 0.5)])
+    assert ("delete_adapters", ([adapter_name(digests[0])],)) in pipe.calls
