@@ -95,6 +95,12 @@ class WorkerBackend:
         body = _stream_body(head, attachments) if attachments else head
         try:
             await self.send_adapters(params.loras)
+        except FileNotFoundError:  # deleted since the request named it: the request's fault, not the worker's
+            yield Failed("A LoRA adapter of the request was deleted meanwhile.", "invalid_request", "loras")
+            return
+        except (aiohttp.ClientError, OSError) as e:
+            raise BackendFailed(f"worker {self.name} is unreachable: {e}") from None
+        try:
             resp = await self._client().post(
                 f"{self._base}/v1/generate", data=body, headers={"content-type": CONTENT_TYPE}
             )
