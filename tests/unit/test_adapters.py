@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,23 +13,11 @@ from safetensors.torch import save_file
 from app.config import demo_model
 from app.worker.adapters import AdapterFiles, LoadedAdapters, adapter_name
 from app.worker.engine import Engine
-from app.worker.pipelines import create_demo_model, quiet_libraries
 from app.worker.protocol import Failed, GenerationParams, Image, LoraRef, Started
 from tests.lora import make_lora
 from tests.unit.test_batching import events_of, pictures
 
 MODEL = "imagegate-demo"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Iterator[Path]:
-    quiet_libraries()
-    path = tmp_path_factory.mktemp("adapters")
-    create_demo_model(path / "models" / MODEL)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield path
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

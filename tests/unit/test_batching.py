@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from PIL import Image as PILImage
 
 from app.config import demo_model
 from app.worker.engine import Engine, Job
-from app.worker.pipelines import create_demo_model, quiet_libraries
 from app.worker.protocol import (
     DIFFUSION_SCHEDULERS,
     Done,
@@ -33,18 +31,6 @@ SIDE = 64
 STEPS = 8
 # Most a pixel may differ between an image made alone and in a batch (float noise of batched kernels).
 TOLERANCE = 3
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Iterator[Path]:
-    quiet_libraries()
-    path = tmp_path_factory.mktemp("batching")
-    create_demo_model(path / "models" / MODEL)
-    # One thread: on a busy machine, OpenMP threads spinning against other processes make each call 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield path
-    torch.set_num_threads(threads)
 
 
 async def started_engine(data_dir: Path, *, max_batch_pixels: int = 2_097_152, window_ms: float = 5.0) -> Engine:

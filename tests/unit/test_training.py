@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +14,6 @@ from PIL import Image as PILImage
 
 from app.config import demo_model
 from app.worker.engine import Engine
-from app.worker.pipelines import create_demo_model, quiet_libraries
 from app.worker.protocol import GenerationParams, LoraRef
 from app.worker.training import (
     LoraTrainer,
@@ -30,17 +27,6 @@ from app.worker.training import (
 from tests.unit.test_batching import events_of, pictures
 
 MODEL = "imagegate-demo"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Iterator[Path]:
-    quiet_libraries()
-    path = tmp_path_factory.mktemp("training")
-    create_demo_model(path / "models" / MODEL)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield path
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
