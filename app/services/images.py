@@ -296,9 +296,12 @@ class ImageService:
     def _loras(
         self, model: ModelConfig, req: ImageGenerateRequest | ImageEditRequest, principal: Principal
     ) -> tuple[LoraRef, ...]:
+        specs = getattr(req, "loras", None)
+        if not specs:  # most requests: no scan of the pool for what its workers said
+            return ()
         details = self.pool.details(model.name)
         supported = details.lora if details is not None else None
-        return self.adapters.resolve(model.name, getattr(req, "loras", None), principal, supported=supported)
+        return self.adapters.resolve(model.name, specs, principal, supported=supported)
 
     def prepare(self, req: ImageGenerateRequest, principal: Principal = ANONYMOUS) -> Job:
         """Check ``req`` against its model and turn it into a job.

@@ -361,7 +361,7 @@ class JobService:
 
     # -- reading, cancelling, deleting --------------------------------------------------------------------------
 
-    async def _own(self, job_id: str, principal: Principal) -> JobRecord:
+    async def record(self, job_id: str, principal: Principal) -> JobRecord:
         """The job, if the principal may see it (its owner, or an admin); another's job does not exist for it."""
         job = await asyncio.to_thread(self.store.get, job_id)
         if job is None or (job.owner != principal.id and not principal.admin):
@@ -369,10 +369,7 @@ class JobService:
         return job
 
     async def get(self, job_id: str, principal: Principal) -> ImageJob:
-        return self.view(await self._own(job_id, principal))
-
-    async def record(self, job_id: str, principal: Principal) -> JobRecord:
-        return await self._own(job_id, principal)
+        return self.view(await self.record(job_id, principal))
 
     async def list(
         self,
@@ -384,7 +381,7 @@ class JobService:
         surface: str | None = None,
     ) -> JobList:
         """The principal's jobs (every job for an admin), newest first, ``limit`` after the job ``after``."""
-        cursor = await self._own(after, principal) if after else None
+        cursor = await self.record(after, principal) if after else None
         owner = None if principal.admin else principal.id
         rows = await asyncio.to_thread(
             lambda: self.store.list(owner, statuses=statuses, surface=surface, after=cursor, limit=limit + 1)
@@ -403,7 +400,7 @@ class JobService:
         Raises:
             Conflict: the job already finished.
         """
-        job = await self._own(job_id, principal)
+        job = await self.record(job_id, principal)
         if job.status in FINISHED:
             raise Conflict(f"The job already finished ({job.status}).", param="job_id", code="job_finished")
         ended = await self._end(
@@ -423,7 +420,7 @@ class JobService:
         return self.view(await asyncio.to_thread(self.store.get, job_id) or running or job)
 
     async def delete(self, job_id: str, principal: Principal) -> JobDeleted:
-        job = await self._own(job_id, principal)
+        job = await self.record(job_id, principal)
         await self._delete([job])
         return JobDeleted(id=job_id)
 
@@ -451,7 +448,7 @@ class JobService:
 
     async def events(self, job_id: str, principal: Principal) -> AsyncIterator[JobEvent]:
         """What happened to the job so far, then what happens, until it ends (or is deleted)."""
-        await self._own(job_id, principal)
+        await self.record(job_id, principal)
         return self._follow(job_id)
 
     async def _follow(self, job_id: str) -> AsyncIterator[JobEvent]:
