@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image as PILImage
@@ -33,8 +34,8 @@ from common import RESULTS
 from app.config import demo_model
 from app.worker.engine import Engine
 from app.worker.pipelines import create_demo_model, quiet_libraries
-from app.worker.protocol import Done, Failed, GenerationParams, LoraRef
-from app.worker.training import LoraTrainer, plan
+from app.worker.protocol import Done, Failed, GenerationParams, LoraRef, plan
+from app.worker.training import LoraTrainer
 from tests.lora import make_lora
 
 SIZE, STEPS = 256, 20
@@ -71,7 +72,7 @@ def train(model_dir: Path, steps: int = 20) -> dict:
     trainer.run()
     done = time.perf_counter()
     return {
-        "plan": chosen.as_dict(),
+        "plan": msgspec.structs.asdict(chosen),
         "setup_s": ready - t,
         "steps_per_s": chosen.steps / (done - ready),
         "time_to_adapter_s": done - t,

@@ -40,6 +40,8 @@ from app.worker.adapters import AdapterFiles, LoadedAdapters
 from app.worker.pipelines import LoadedModel, load_model
 from app.worker.previews import X0Tracker, encode_image
 from app.worker.protocol import (
+    AdapterFile,
+    Checkpoint,
     Done,
     Failed,
     GenerationParams,
@@ -49,6 +51,8 @@ from app.worker.protocol import (
     Partial,
     Progress,
     Started,
+    TrainingParams,
+    TrainingStep,
     WorkerEvent,
     preview_steps,
 )
@@ -72,6 +76,25 @@ def to_pictures(output: np.ndarray) -> list[PILImage.Image]:
     if not np.isfinite(output).all():
         raise NonFiniteOutput("the pipeline produced NaN values (try another scheduler, or float32 / bfloat16)")
     return [PILImage.fromarray(a) for a in (output * 255).round().astype(np.uint8)]
+
+
+def _trainable(pipe) -> bool:
+    """Whether :class:`~app.worker.training.LoraTrainer` can train this pipeline (a UNet and one text encoder)."""
+    return (
+        getattr(pipe, "unet", None) is not None
+        and getattr(pipe, "text_encoder", None) is not None
+        and (getattr(pipe, "text_encoder_2", None) is None)
+    )
+
+
+def _native_side(pipe) -> int:
+    """The side the model draws best at: its denoiser's sample size in latents times the VAE's scale."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    if isinstance(sample, list | tuple):
+        sample = sample[0]
+    return int(sample * scale) if isinstance(sample, int) else 512
 
 
 class JobCancelled(Exception):
@@ -107,6 +130,23 @@ def batch_key(params: GenerationParams, loaded: LoadedModel) -> tuple | None:
     if not (loaded.family.empty_negative_prompt or loaded.family.true_cfg):
         key += (bool(p.negative_prompt),)
     return key
+
+
+@dataclass(eq=False)
+class Training:
+    """A LoRA training on this worker: its events, and how to stop it (between two optimiser steps)."""
+
+    params: TrainingParams
+    events: asyncio.Queue[WorkerEvent] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+TRAINING_SLICE = 0.5
+"""Seconds a training runs on the device before queued inference gets its turn (one step at least)."""
 
 
 @dataclass(eq=False)
@@ -152,6 +192,7 @@ class Engine:
         self.completed = 0
         self.cancelled = 0
         self.failed = 0
+        self.trainings: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Load every model on the engine's thread, then start taking jobs."""
@@ -180,6 +221,7 @@ class Engine:
             cancelled=self.cancelled,
             failed=self.failed,
             error=self.error,
+            training=bool(self.trainings),
             tasks={name: sorted(loaded.tasks) for name, loaded in self.models.items()},
             details={
                 name: ModelDetails(
@@ -188,6 +230,8 @@ class Engine:
                     default_steps=loaded.family.steps,
                     default_guidance=loaded.family.guidance,
                     lora=loaded.adapters is not None,
+                    trainable=_trainable(loaded.pipe),
+                    native_side=_native_side(loaded.pipe),
                 )
                 for name, loaded in self.models.items()
             },
@@ -217,6 +261,87 @@ class Engine:
             self._waiting.append(job)
             self._arrived.set()
         return job
+
+    # -- training -------------------------------------------------------------------------------------------------
+
+    def train(self, params: TrainingParams, files: list[bytes], checkpoint: bytes | None) -> Training:
+        """Start a LoRA training of ``params.model`` (see :class:`~app.worker.protocol.TrainingParams`).
+
+        It runs on the engine's thread in slices of :data:`TRAINING_SLICE` seconds, so inference and training never
+        run at once on the device, and inference queued meanwhile runs between two slices.
+        """
+        training = Training(params)
+        loaded = self.models.get(params.model)
+        if loaded is None or not _trainable(loaded.pipe):
+            why = "is not loaded on this worker" if loaded is None else "cannot be trained here (UNet models only)"
+            training.events.put_nowait(Failed(f"model {params.model!r} {why}", "invalid_request"))
+            return training
+        task = asyncio.create_task(self._train(training, loaded, files, checkpoint), name="training")
+        self.trainings.add(task)
+        task.add_done_callback(self.trainings.discard)
+        return training
+
+    async def _train(self, t: Training, loaded: LoadedModel, files: list[bytes], checkpoint: bytes | None) -> None:
+        from app.worker.training import LoraTrainer, TrainingCancelled, adapter_bytes
+
+        loop = asyncio.get_running_loop()
+        emit = functools.partial(loop.call_soon_threadsafe, t.events.put_nowait)
+        p = t.params
+        directory = Path(tempfile.mkdtemp(prefix="imagegate-training-"))
+
+        def prepare() -> LoraTrainer:
+            if checkpoint:
+                (directory / "checkpoint.pt").write_bytes(checkpoint)
+            pictures = [images.rgb(images.load(data)) for data in files]
+            trainer = LoraTrainer(loaded.pipe, p.plan, pictures, p.captions, seed=p.seed, checkpoint_dir=directory)
+            trainer.resume()
+            return trainer
+
+        def advance(trainer: LoraTrainer, previews: list[int]) -> None:
+            def on_step(step: int, total: int, loss: float) -> None:
+                emit(TrainingStep(step=step, total=total, loss=loss))
+                if p.preview_every and (step % p.preview_every == 0 or step == total):
+                    picture = trainer.preview(p.preview_prompt or p.trigger_word, p.seed)
+                    emit(Partial(image_index=0, partial_index=step, data=encode_image(picture, "png", None)))
+                    previews.append(step)
+
+            trainer.advance(
+                until=time.monotonic() + TRAINING_SLICE,
+                on_step=on_step,
+                should_stop=t.cancelled.is_set,
+                on_checkpoint=lambda step, path: emit(Checkpoint(step=step, data=path.read_bytes())),
+            )
+
+        self.running += 1
+        try:
+            trainer = await loop.run_in_executor(self._executor, prepare)
+            emit(Started(queue_seconds=time.monotonic() - t.enqueued_at, batch_size=1))
+            previews: list[int] = []
+            while not trainer.done:
+                await loop.run_in_executor(self._executor, advance, trainer, previews)
+            metadata = {"trigger_word": p.trigger_word, "rank": str(p.plan.rank)}
+            data = await loop.run_in_executor(self._executor, lambda: adapter_bytes(trainer.weights(), metadata))
+            emit(AdapterFile(data=data))
+            emit(Done(seconds=time.monotonic() - t.enqueued_at))
+            self.completed += 1
+        except TrainingCancelled:
+            self.cancelled += 1
+            emit(CANCELLED)
+        except images.InvalidInput as e:
+            self.failed += 1
+            emit(Failed(f"a training image cannot be used: {e}", "invalid_request"))
+        except Exception as e:
+            self.failed += 1
+            if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.exception("training %s failed", p.request_id)
+            kind = "out_of_memory" if isinstance(e, torch.OutOfMemoryError) else "internal"
+            emit(Failed(f"training failed: {type(e).__name__}: {e}", kind))
+        finally:
+            self.running -= 1
+            shutil.rmtree(directory, ignore_errors=True)
+
+    # -- inference --------------------------------------------------------------------------------------------------
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -507,6 +632,8 @@ class Engine:
             self._loop_task.cancel()
         for job in [*self._batch, *self._waiting]:
             job.cancel()
+        for task in self.trainings:
+            task.cancel()
         self._waiting.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._encoder.shutdown(wait=False, cancel_futures=True)

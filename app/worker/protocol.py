@@ -15,6 +15,8 @@ stream ends after :class:`Done` or :class:`Failed`; a stream that ends before ei
 from __future__ import annotations
 
 import binascii
+import random
+import string
 import struct
 from typing import Literal
 
@@ -120,6 +122,113 @@ class LoraRef(msgspec.Struct, frozen=True):
     scale: float
 
 
+Preset = Literal["fast", "high_quality"]
+
+PRESETS: dict[str, dict[str, float]] = {
+    # rank, steps per training image (bounded below and above), learning rate, resolution as a share of the model's
+    "fast": {"rank": 8, "steps_per_image": 40, "min_steps": 200, "max_steps": 800, "learning_rate": 2e-4, "scale": 0.5},
+    "high_quality": {
+        "rank": 16,
+        "steps_per_image": 100,
+        "min_steps": 500,
+        "max_steps": 3000,
+        "learning_rate": 1e-4,
+        "scale": 1.0,
+    },
+}
+"""What ``trainingSpeed`` stands for; :func:`plan` turns one into concrete hyperparameters."""
+
+
+class TrainingPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """The resolved hyperparameters of one LoRA training (returned with the training, so users see what ran)."""
+
+    rank: int
+    alpha: int
+    steps: int
+    learning_rate: float
+    resolution: int
+    batch_size: int
+    checkpoint_every: int
+
+
+def plan(
+    preset: Preset,
+    images: int,
+    strength: float,
+    native_side: int,
+    *,
+    max_steps: int | None = None,
+    resolution: int | None = None,
+) -> TrainingPlan:
+    """The hyperparameters of ``preset`` for ``images`` training images at ``strength`` (0-10, 5 is the preset).
+
+    Steps grow with the number of images (``steps_per_image``, within the preset's bounds); ``strength`` scales
+    the learning rate and the steps by ``2 ** ((strength - 5) / 5)``, so 0 halves both, 10 doubles both: how far
+    the adapter moves towards the training images. ``resolution`` is the model's native side times the preset's
+    ``scale``, on a multiple of 64 (or the ``resolution`` given). ``max_steps`` caps the steps (small devices,
+    demos, tests). A checkpoint is written every quarter of the steps (at most every 100).
+    """
+    if not 0 <= strength <= 10:
+        raise ValueError("strength must be within 0-10")
+    p = PRESETS[preset]
+    factor = 2 ** ((strength - 5) / 5)
+    steps = min(max(p["min_steps"], p["steps_per_image"] * images), p["max_steps"])
+    steps = max(1, round(steps * factor))
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    rank = int(p["rank"])
+    return TrainingPlan(
+        rank=rank,
+        alpha=rank,
+        steps=steps,
+        learning_rate=p["learning_rate"] * factor,
+        resolution=resolution or max(64, int(native_side * p["scale"]) // 64 * 64),
+        batch_size=1,
+        checkpoint_every=max(1, min(100, steps // 4)),
+    )
+
+
+def trigger_word(rng: random.Random | None = None) -> str:
+    """A made-up token such as ``FJA90AB``: three letters, two digits, two letters (no word the model knows)."""
+    rng = rng or random.SystemRandom()
+    letters = string.ascii_uppercase
+    return "".join(
+        [
+            *(rng.choice(letters) for _ in range(3)),
+            *(rng.choice(string.digits) for _ in range(2)),
+            *(rng.choice(letters) for _ in range(2)),
+        ]
+    )
+
+
+def caption(trigger: str, text: str | None) -> str:
+    """The caption a training image is fitted to: the trigger word, then the image's own caption if any."""
+    return f"{trigger}, {text.strip()}" if text and text.strip() else trigger
+
+
+class TrainingParams(msgspec.Struct, kw_only=True, frozen=True):
+    """A LoRA training, as the worker runs it (``POST /v1/train``).
+
+    The body is the length-prefixed params, then each training image (``image_bytes`` long, in order), then the
+    checkpoint to resume from (``checkpoint_bytes`` long; 0: start afresh). The answer is an event stream:
+    :class:`Started`, :class:`TrainingStep` per step, :class:`Checkpoint` per checkpoint (the gateway keeps the
+    last), :class:`Partial` previews every ``preview_every`` steps (``partial_index`` is the step), then
+    :class:`AdapterFile` and :class:`Done`, or :class:`Failed`.
+    """
+
+    model: str
+    plan: TrainingPlan
+    seed: int
+    trigger_word: str
+    captions: list[str]
+    """One per training image: the trigger word and the image's own caption (see :func:`caption`)."""
+    image_bytes: list[int]
+    checkpoint_bytes: int = 0
+    preview_every: int = 0
+    preview_prompt: str = ""
+    request_id: str = ""
+
+
 class GenerationParams(msgspec.Struct, kw_only=True, frozen=True):
     """A validated job, as the worker runs it.
 
@@ -217,14 +326,36 @@ class Failed(msgspec.Struct, tag="failed"):
     param: str | None = None
 
 
-WorkerEvent = Started | Progress | Partial | Image | Done | Failed
+class TrainingStep(msgspec.Struct, tag="training_step"):
+    """A training's optimiser step ``step`` of ``total`` ended with ``loss``."""
+
+    step: int
+    total: int
+    loss: float
+
+
+class Checkpoint(msgspec.Struct, tag="checkpoint"):
+    """The training's state after ``step`` steps (a ``torch.save`` file): a rerun sent it resumes from there."""
+
+    step: int
+    data: bytes
+
+
+class AdapterFile(msgspec.Struct, tag="adapter"):
+    """The trained LoRA adapter (safetensors, diffusers' naming), sent once before :class:`Done`."""
+
+    data: bytes
+
+
+WorkerEvent = Started | Progress | Partial | Image | Done | Failed | TrainingStep | Checkpoint | AdapterFile
 
 _encoder = msgspec.msgpack.Encoder()
 _event_decoder = msgspec.msgpack.Decoder(WorkerEvent)
 _params_decoder = msgspec.msgpack.Decoder(GenerationParams)
+_training_decoder = msgspec.msgpack.Decoder(TrainingParams)
 
 
-def encode_params(params: GenerationParams) -> bytes:
+def encode_params(params: GenerationParams | TrainingParams) -> bytes:
     """The head of a job's request body: the length-prefixed params (the image and mask bytes follow)."""
     payload = _encoder.encode(params)
     return FRAME_HEADER.pack(len(payload)) + payload
@@ -232,6 +363,10 @@ def encode_params(params: GenerationParams) -> bytes:
 
 def decode_params(payload: bytes) -> GenerationParams:
     return _params_decoder.decode(payload)
+
+
+def decode_training(payload: bytes) -> TrainingParams:
+    return _training_decoder.decode(payload)
 
 
 def encode_frame(event: WorkerEvent) -> bytes:
@@ -254,6 +389,10 @@ class ModelDetails(msgspec.Struct, kw_only=True):
     default_guidance: float | None = None
     lora: bool = False
     """Its pipeline loads LoRA adapters."""
+    trainable: bool = False
+    """This worker can train LoRA adapters for it (a UNet model with one text encoder)."""
+    native_side: int = 512
+    """The side, in pixels, the model was trained at (what training resolutions derive from)."""
 
 
 class HealthInfo(msgspec.Struct, kw_only=True):
@@ -272,3 +411,5 @@ class HealthInfo(msgspec.Struct, kw_only=True):
     """Model -> the tasks this worker can run for it."""
     details: dict[str, ModelDetails] = msgspec.field(default_factory=dict)
     """Model -> its family, schedulers and defaults (workers only; upstreams do not say)."""
+    training: bool = False
+    """A LoRA training runs on it now (inference waits between its steps)."""

@@ -1,4 +1,4 @@
-"""The worker's small HTTP app (aiohttp): ``GET /health`` and ``POST /v1/generate`` (see :mod:`.protocol`)."""
+"""The worker's small HTTP app (aiohttp): health, generation, training and adapter files (see :mod:`.protocol`)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ import msgspec
 from aiohttp import web
 
 from app.config import ModelConfig
-from app.worker.engine import Engine
+from app.worker.engine import Engine, Job, Training
 from app.worker.protocol import (
     CONTENT_TYPE,
     FRAME_HEADER,
     TOKEN_HEADER,
     Done,
     Failed,
+    WorkerEvent,
     decode_params,
+    decode_training,
     encode_frame,
 )
 
@@ -60,18 +62,41 @@ async def generate(request: web.Request) -> web.StreamResponse:
         engine.cancelled += 1
         log.debug("job %s: the gateway hung up before it started", params.request_id)
         return response
-    job = engine.submit(params, image, mask)
+    await _relay(response, engine.submit(params, image, mask), params.request_id)
+    return response
+
+
+async def _relay(response: web.StreamResponse, job: Job | Training, request_id: str) -> None:
+    """Write ``job``'s events to the gateway until its last; a gateway that hangs up cancels it."""
     finished = False
     try:
         while not finished:
-            event = await job.events.get()
+            event: WorkerEvent = await job.events.get()
             finished = isinstance(event, Done | Failed)
             await response.write(encode_frame(event))
     except ConnectionResetError:  # a hang-up is how a gateway cancels: the engine counts the job as cancelled
-        log.debug("job %s: the gateway hung up", params.request_id)
+        log.debug("job %s: the gateway hung up", request_id)
     finally:
         if not finished:  # the gateway hung up (or we are shutting down): stop the job at its next step
             job.cancel()
+
+
+async def train(request: web.Request) -> web.StreamResponse:
+    if not _authorized(request):
+        return web.Response(status=401, text="bad worker token")
+    try:
+        (length,) = FRAME_HEADER.unpack(await request.content.readexactly(FRAME_HEADER.size))
+        params = decode_training(await request.content.readexactly(length))
+        files = [await request.content.readexactly(n) for n in params.image_bytes]
+        checkpoint = await request.content.readexactly(params.checkpoint_bytes) if params.checkpoint_bytes else None
+    except (msgspec.DecodeError, asyncio.IncompleteReadError) as e:
+        return web.Response(status=400, text=f"malformed training: {e}")
+    response = web.StreamResponse(headers={"content-type": CONTENT_TYPE})
+    try:
+        await response.prepare(request)
+    except ConnectionResetError:
+        return response
+    await _relay(response, request.app[ENGINE].train(params, files, checkpoint), params.request_id)
     return response
 
 
@@ -108,6 +133,7 @@ def build_app(engine: Engine, token: str = "") -> web.Application:
     app[TOKEN] = token
     app.router.add_get("/health", health)
     app.router.add_post("/v1/generate", generate)
+    app.router.add_post("/v1/train", train)
     app.router.add_route("HEAD", "/adapters/{digest}", has_adapter)
     app.router.add_put("/adapters/{digest}", put_adapter)
     return app

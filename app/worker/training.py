@@ -1,4 +1,4 @@
-"""LoRA training on a worker's device: presets, trigger words, and a resumable, cancellable training loop.
+"""LoRA training on a worker's device: a resumable, cancellable loop (its presets: :func:`app.worker.protocol.plan`).
 
 The loop is the one of diffusers' ``train_text_to_image_lora`` example for UNet models (SD 1.x/2.x and their
 kin): latents and caption embeddings are computed once, then each step noises a latent at a random timestep and
@@ -13,101 +13,24 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
-import string
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image as PILImage
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
-Preset = Literal["fast", "high_quality"]
+from app.worker.protocol import TrainingPlan
+
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 """The UNet's attention projections: what diffusers' LoRA training example adapts."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The resolved hyperparameters of one training (returned with the training, so users see what ran)."""
-
-    rank: int
-    alpha: int
-    steps: int
-    learning_rate: float
-    resolution: int
-    batch_size: int
-    checkpoint_every: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-PRESETS: dict[str, dict[str, float]] = {
-    # rank, steps per training image (bounded below and above), learning rate, resolution as a share of the model's
-    "fast": {"rank": 8, "steps_per_image": 40, "min_steps": 200, "max_steps": 800, "learning_rate": 2e-4, "scale": 0.5},
-    "high_quality": {
-        "rank": 16,
-        "steps_per_image": 100,
-        "min_steps": 500,
-        "max_steps": 3000,
-        "learning_rate": 1e-4,
-        "scale": 1.0,
-    },
-}
-
-
-def plan(preset: Preset, images: int, strength: float, native_side: int, *, max_steps: int | None = None) -> Plan:
-    """The hyperparameters of ``preset`` for ``images`` training images at ``strength`` (0-10, 5 is the preset).
-
-    Steps grow with the number of images (``steps_per_image``, within the preset's bounds); ``strength`` scales
-    the learning rate and the steps by ``2 ** ((strength - 5) / 5)``, so 0 halves both, 10 doubles both: how far
-    the adapter moves towards the training images. ``resolution`` is the model's native side times the preset's
-    ``scale``, on a multiple of 64. ``max_steps`` caps the steps (tests, small demos).
-    """
-    if not 0 <= strength <= 10:
-        raise ValueError("strength must be within 0-10")
-    p = PRESETS[preset]
-    factor = 2 ** ((strength - 5) / 5)
-    steps = min(max(p["min_steps"], p["steps_per_image"] * images), p["max_steps"])
-    steps = max(1, round(steps * factor))
-    if max_steps is not None:
-        steps = min(steps, max_steps)
-    resolution = max(64, int(native_side * p["scale"]) // 64 * 64)
-    rank = int(p["rank"])
-    return Plan(
-        rank=rank,
-        alpha=rank,
-        steps=steps,
-        learning_rate=p["learning_rate"] * factor,
-        resolution=resolution,
-        batch_size=1,
-        checkpoint_every=max(1, min(100, steps // 4)),
-    )
-
-
-def trigger_word(rng: random.Random | None = None) -> str:
-    """A made-up token such as ``FJA90AB``: three letters, two digits, two letters (no word the model knows)."""
-    rng = rng or random.Random()
-    letters = string.ascii_uppercase
-    return "".join(
-        [
-            *(rng.choice(letters) for _ in range(3)),
-            *(rng.choice(string.digits) for _ in range(2)),
-            *(rng.choice(letters) for _ in range(2)),
-        ]
-    )
-
-
-def caption(trigger: str, text: str | None) -> str:
-    """The caption a training image is fitted to: the trigger word, then the image's own caption if any."""
-    return f"{trigger}, {text.strip()}" if text and text.strip() else trigger
 
 
 class TrainingCancelled(Exception):
@@ -138,7 +61,7 @@ class LoraTrainer:
     def __init__(
         self,
         pipe: Any,
-        plan: Plan,
+        plan: TrainingPlan,
         images: Sequence[PILImage.Image],
         captions: Sequence[str],
         *,
@@ -165,6 +88,7 @@ class LoraTrainer:
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=plan.learning_rate)
         self.latents, self.embeddings = self._encode(images, captions)
+        self.step = 0
 
     @torch.no_grad()
     def _encode(self, images: Sequence[PILImage.Image], captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +119,7 @@ class LoraTrainer:
             "step": step,
             "lora": get_peft_model_state_dict(self.unet),
             "optimizer": self.optimizer.state_dict(),
-            "plan": self.plan.as_dict(),
+            "plan": msgspec.structs.asdict(self.plan),
         }
         tmp = self.checkpoint_dir / f".checkpoint.{os.getpid()}.tmp"
         torch.save(state, tmp)
@@ -207,7 +131,7 @@ class LoraTrainer:
         if not path.is_file():
             return 0
         state = torch.load(path, weights_only=True)
-        if state.get("plan") != self.plan.as_dict():
+        if state.get("plan") != msgspec.structs.asdict(self.plan):
             return 0
         set_peft_model_state_dict(self.unet, state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -231,19 +155,32 @@ class LoraTrainer:
         predicted = self.unet(noisy, timesteps, embeddings).sample
         return torch.nn.functional.mse_loss(predicted.float(), target.float())
 
-    def run(
+    def resume(self) -> int:
+        """Load the last checkpoint, if any; returns the steps already done (where :meth:`advance` goes on)."""
+        self.step = self._resume()
+        return self.step
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.plan.steps
+
+    def advance(
         self,
+        *,
+        until: float = math.inf,
         on_step: Callable[[int, int, float], None] = lambda step, total, loss: None,
         should_stop: Callable[[], bool] = lambda: False,
-    ) -> dict[str, torch.Tensor]:
-        """Train from the last checkpoint (if any) to the plan's last step; returns the adapter's weights.
+        on_checkpoint: Callable[[int, Path], None] = lambda step, path: None,
+    ) -> None:
+        """Run steps until the plan's last one or the monotonic time ``until``, whichever comes first.
 
-        The weights are named as diffusers loads them (``unet.…lora_A.weight``). ``on_step(step, total, loss)``
-        follows each step; ``should_stop()`` is asked before each, and stops the run with
-        :class:`TrainingCancelled` (the last checkpoint stays as it was).
+        ``on_step(step, total, loss)`` follows each step and ``on_checkpoint(step, path)`` each checkpoint;
+        ``should_stop()`` is asked before each step, and stops the training with :class:`TrainingCancelled` (the
+        last checkpoint stays as it was).
         """
         total = self.plan.steps
-        for step in range(self._resume() + 1, total + 1):
+        while self.step < total:
+            step = self.step + 1
             if should_stop():
                 raise TrainingCancelled(f"stopped before step {step} of {total}")
             loss = self._loss(step)
@@ -254,10 +191,52 @@ class LoraTrainer:
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"the loss is {value} at step {step}: lower the learning rate or strength")
+            self.step = step
             on_step(step, total, value)
             if step % self.plan.checkpoint_every == 0 and step < total:
                 self._save_checkpoint(step)
+                on_checkpoint(step, self._checkpoint_path())
+            if time.monotonic() >= until:
+                return
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights, named as diffusers loads them (``unet.…lora_A.weight``)."""
         return {f"unet.{k}": v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self.unet).items()}
+
+    def run(
+        self,
+        on_step: Callable[[int, int, float], None] = lambda step, total, loss: None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> dict[str, torch.Tensor]:
+        """Train from the last checkpoint (if any) to the plan's last step; returns the adapter's weights."""
+        self.resume()
+        self.advance(on_step=on_step, should_stop=should_stop)
+        return self.weights()
+
+    @torch.no_grad()
+    def preview(self, prompt: str, seed: int, steps: int = 20) -> PILImage.Image:
+        """An image of ``prompt`` drawn with the adapter as trained so far (the served model is left as it was)."""
+        served = self.pipe.unet
+        self.unet.eval()
+        try:
+            self.pipe.unet = self.unet
+            side = self.plan.resolution
+            return self.pipe(
+                prompt,
+                height=side,
+                width=side,
+                num_inference_steps=steps,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="pil",
+            ).images[0]
+        finally:
+            self.pipe.unet = served
+            self.unet.train()
+
+
+def adapter_bytes(weights: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The adapter as a safetensors file."""
+    return save(weights, metadata=metadata)
 
 
 def save_adapter(weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

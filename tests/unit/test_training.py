@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import io
 import random
 import re
 
+import msgspec
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image as PILImage
 
 from app.config import demo_model
 from app.worker.engine import Engine
-from app.worker.protocol import GenerationParams, LoraRef
-from app.worker.training import (
-    LoraTrainer,
-    Plan,
-    TrainingCancelled,
-    caption,
-    plan,
-    save_adapter,
-    trigger_word,
-)
+from app.worker.protocol import Done, Failed, GenerationParams, LoraRef, TrainingPlan, caption, plan, trigger_word
+from app.worker.training import LoraTrainer, TrainingCancelled, save_adapter
 from tests.unit.test_batching import events_of, pictures
 
 MODEL = "imagegate-demo"
@@ -45,7 +41,7 @@ def product_photos() -> list[PILImage.Image]:
 
 
 # A few steps at a high rate, so that seconds of CPU make an adapter that visibly moves the demo model.
-SMALL = Plan(rank=4, alpha=4, steps=6, learning_rate=5e-3, resolution=64, batch_size=1, checkpoint_every=3)
+SMALL = TrainingPlan(rank=4, alpha=4, steps=6, learning_rate=5e-3, resolution=64, batch_size=1, checkpoint_every=3)
 
 
 def train(pipe, tmp_path, **kw) -> dict[str, torch.Tensor]:
@@ -133,3 +129,64 @@ def test_unsupported_models_and_inputs_are_refused(pipe, tmp_path):
 
     with pytest.raises(ValueError, match="UNet models"):
         LoraTrainer(NoUnet(), SMALL, product_photos(), ["x"] * 4, seed=1, checkpoint_dir=tmp_path)
+
+
+def png(image: PILImage.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+async def test_the_engine_trains_between_inference_jobs_and_resumes_from_a_checkpoint_it_sent(data_dir, tmp_path):
+    """Through the worker's engine: step events, checkpoints, previews, the adapter; a rerun resumes."""
+    from app.worker.protocol import AdapterFile, Checkpoint, Partial, Started, TrainingParams, TrainingStep
+
+    engine = Engine("cpu", [demo_model(str(data_dir))], adapter_dir=tmp_path / "worker")
+    await engine.start()
+    files = [png(p) for p in product_photos()]
+    params = TrainingParams(
+        model=MODEL,
+        plan=SMALL,
+        seed=11,
+        trigger_word="FJA90AB",
+        captions=[caption("FJA90AB", None)] * 4,
+        image_bytes=[len(f) for f in files],
+        preview_every=3,
+    )
+    try:
+        assert engine.health().details[MODEL].trainable
+        training = engine.train(params, files, None)
+        # an inference job submitted meanwhile runs between two slices of the training, not after it
+        p = GenerationParams(model=MODEL, prompt="a box", width=64, height=64, steps=2, guidance=7.5, seed=2)
+        generated, trained = await asyncio.gather(events_of(engine.submit(p)), events_of(training))
+        assert isinstance(generated[-1], Done)
+        assert isinstance(trained[0], Started) and isinstance(trained[-1], Done), trained[-1]
+        assert [e.step for e in trained if isinstance(e, TrainingStep)] == list(range(1, 7))
+        checkpoints = [e for e in trained if isinstance(e, Checkpoint)]
+        assert [c.step for c in checkpoints] == [3]
+        assert [e.partial_index for e in trained if isinstance(e, Partial)] == [3, 6]
+        whole = next(e for e in trained if isinstance(e, AdapterFile)).data
+        assert not engine.health().training
+
+        # a rerun sent the checkpoint after step 3 goes on from step 4, and ends with the same adapter
+        again = msgspec.structs.replace(params, checkpoint_bytes=len(checkpoints[0].data), preview_every=0)
+        resumed = await events_of(engine.train(again, files, checkpoints[0].data))
+        assert [e.step for e in resumed if isinstance(e, TrainingStep)] == [4, 5, 6]
+        a = safetensors.torch.load(whole)
+        b = safetensors.torch.load(next(e for e in resumed if isinstance(e, AdapterFile)).data)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+        # cancelled between two steps: no adapter
+        cancelled = engine.train(again, files, None)
+        first = await asyncio.wait_for(cancelled.events.get(), 60)
+        cancelled.cancel()
+        rest = [first, *await events_of(cancelled)]
+        assert isinstance(rest[-1], Failed) and rest[-1].kind == "cancelled"
+        assert not any(isinstance(e, AdapterFile) for e in rest)
+
+        # a corrupt training image fails the training as the request's fault
+        bad = engine.train(msgspec.structs.replace(params, image_bytes=[3]), [b"xyz"], None)
+        failed = await events_of(bad)
+        assert isinstance(failed[-1], Failed) and failed[-1].kind == "invalid_request"
+    finally:
+        await engine.stop()
