@@ -21,6 +21,7 @@ from litestar.plugins.prometheus import PrometheusController
 from litestar.static_files import create_static_files_router
 
 from app.api.admin import AdaptersController, AdminController
+from app.api.custom import CustomModelsController
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.images import ImagesController, UploadsController
 from app.api.infer import InferController
@@ -40,12 +41,14 @@ from app.pool import State as BackendState
 from app.pool.remote import RemoteWorkers
 from app.pool.supervisor import Supervisor
 from app.services.adapters import AdapterRegistry
+from app.services.custom import CustomModelService
 from app.services.images import ImageService
 from app.services.infer import InferService, make_enhancer
 from app.services.jobs import JobService
 from app.services.keys import KeyService
 from app.services.webhooks import WebhookSender
 from app.store.adapters import AdapterStore
+from app.store.custom import CustomModelStore
 from app.store.db import Database
 from app.store.files import JOB_ROUTE, ImageFiles, load_or_create_secret
 from app.store.jobs import JobStore
@@ -85,7 +88,8 @@ def create_app(
         remote: RemoteWorkers | None = None
         runtime_dir = Path(tempfile.mkdtemp(prefix="imagegate-"))
         db = Database(settings.database())
-        adapters = AdapterRegistry(settings, AdapterStore(db, data_dir / "adapters"), clock=clock)
+        adapter_store = AdapterStore(db, data_dir / "adapters")
+        adapters = AdapterRegistry(settings, adapter_store, clock=clock)
         await asyncio.to_thread(adapters.scan)
         if backends is None:
             supervisor = Supervisor(settings, pool, runtime_dir, adapter_file=adapters.file)
@@ -104,6 +108,7 @@ def create_app(
         webhooks = WebhookSender(settings, job_store, clock=clock)
         jobs.on_change.append(webhooks.wake)
         enhancer = make_enhancer(settings)
+        custom = CustomModelService(settings, CustomModelStore(db), jobs, images, adapter_store, clock=clock)
         jobs.start()
         webhooks.start()
         sweeper = asyncio.create_task(files.sweep_forever(), name="sweep-image-files")
@@ -113,7 +118,8 @@ def create_app(
             files=files,
             images=images,
             jobs=jobs,
-            infer=InferService(settings, images, jobs, enhancer),
+            infer=InferService(settings, images, jobs, enhancer, custom),
+            custom=custom,
             job_files=job_files,
             adapters=adapters,
             webhooks=webhooks,
@@ -153,7 +159,7 @@ def create_app(
     cors = (
         CORSConfig(
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=["authorization", "content-type", "x-api-key", "x-bf-vk", "prefer", "idempotency-key"],
             expose_headers=[
                 "retry-after",
@@ -174,6 +180,7 @@ def create_app(
             JobsController,
             WebhookSecretsController,
             InferController,
+            CustomModelsController,
             AdminController,
             AdaptersController,
             SystemController,
@@ -192,6 +199,7 @@ def create_app(
             "jobs": from_state("jobs"),
             "adapters": from_state("adapters"),
             "infer": from_state("infer"),
+            "custom": from_state("custom"),
             "webhooks": from_state("webhooks"),
             "keys": from_state("keys"),
             "started_at": Provide(lambda: started_at, sync_to_thread=False),

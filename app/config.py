@@ -211,6 +211,28 @@ class UpstreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 QuotaPeriod = Literal["hour", "day", "month"]
 
 
+class TrainingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """LoRA training of custom models (``/custom-models/v1``)."""
+
+    base_model: Annotated[
+        str, _doc("Served model that custom models are trained on; empty: the first configured model.")
+    ] = ""
+    devices: Annotated[
+        list[str],
+        _doc(
+            "Devices (cpu, cuda:N) or remote worker addresses of the base model's workers that train; empty: every "
+            "worker of it. Inference on a training worker runs between training slices, and goes elsewhere if it can."
+        ),
+    ] = msgspec.field(default_factory=list)
+    min_images: Annotated[int, _doc("Fewest training images a training starts with.")] = 3
+    max_images: Annotated[int, _doc("Most training images one custom model may hold.")] = 100
+    max_steps: Annotated[
+        int, _doc("Cap on the steps of every training (0: the presets' own; small values for demos and tests).")
+    ] = 0
+    resolution: Annotated[int, _doc("Training resolution in pixels (0: the preset's share of the model's).")] = 0
+    preview_every: Annotated[int, _doc("Steps between preview images of a training (0: none).")] = 0
+
+
 class Limits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """What a principal may do. Unset limits are unlimited; an empty ``models`` list allows no model."""
 
@@ -379,6 +401,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     webhook_timeout: Annotated[float, _doc("Seconds a webhook receiver has to answer one delivery.")] = 15.0
     webhook_progress_interval: Annotated[float, _doc("Fewest seconds between two progress webhooks of one job.")] = 2.0
     max_loras: Annotated[int, _doc("Most LoRA adapters one request may apply.")] = 4
+    training: Annotated[TrainingConfig, _doc("LoRA training of custom models (see the training table).")] = (
+        msgspec.field(default_factory=TrainingConfig)
+    )
     enhancer_url: Annotated[
         str,
         _doc(
@@ -400,6 +425,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.resolved_models() if m.name == name), None)
+
+    def training_model(self) -> ModelConfig:
+        """The base model of custom models."""
+        return self.model(self.training.base_model) or self.resolved_models()[0]
 
 
 def field_docs(cls: type[msgspec.Struct]) -> dict[str, str]:
@@ -596,6 +625,13 @@ def validate(settings: Settings) -> None:
             except ValueError as e:
                 raise ConfigError(f"{where}: enhance_template: {e}") from None
     _validate_pool(settings, seen)
+    t = settings.training
+    if t.base_model and t.base_model not in seen:
+        raise ConfigError(f"training: base_model {t.base_model!r} is not a configured model")
+    if not 1 <= t.min_images <= t.max_images:
+        raise ConfigError("training: need 1 <= min_images <= max_images")
+    if t.max_steps < 0 or t.resolution < 0 or t.preview_every < 0 or t.resolution % 8:
+        raise ConfigError("training: max_steps, preview_every and resolution (a multiple of 8) must be >= 0")
 
 
 def _validate_pool(settings: Settings, models: set[str]) -> None:

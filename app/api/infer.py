@@ -51,17 +51,17 @@ class InferController(Controller):
 
     @get("/projects", operation_id="inferListProjects")
     async def projects(self, request: Request, infer: InferService) -> ProjectList:
-        return infer.projects(request.user)
+        return await infer.projects(request.user)
 
     @get("/projects/{container_name:str}/models", operation_id="inferListModels")
     async def models(self, request: Request, container_name: str, infer: InferService) -> ProjectModelList:
-        return infer.models(container_name, request.user)
+        return await infer.models(container_name, request.user)
 
     @get(f"{MODEL}/config", operation_id="inferModelConfig")
     async def model_config(
         self, request: Request, container_name: str, model_name: str, infer: InferService
     ) -> ProjectModelConfig:
-        return infer.model_config(container_name, model_name, request.user)
+        return await infer.model_config(container_name, model_name, request.user)
 
     @get(f"{MODEL}/images", operation_id="inferListModelImages")
     async def sample_images(

@@ -23,6 +23,8 @@ class ReadyBackend(msgspec.Struct):
     recent_failures: int
     cooldown_seconds_left: float
     detail: str
+    training: bool
+    """A LoRA training runs on it now (inference prefers other backends)."""
 
 
 class Readiness(msgspec.Struct):
@@ -54,6 +56,7 @@ class SystemController(Controller):
                     recent_failures=pool.recent_failures(m),
                     cooldown_seconds_left=round(max(0.0, m.cooling_until - now), 3),
                     detail=m.detail,
+                    training=m.training,
                 )
                 for m in pool.members
             ],

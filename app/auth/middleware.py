@@ -1,4 +1,4 @@
-"""Authentication for ``/v1``, ``/infer_api``, ``/admin`` (and ``/metrics`` if configured): the request's principal.
+"""Authentication for ``/v1``, ``/infer_api``, ``/custom-models``, ``/admin`` (and ``/metrics`` if configured).
 
 ``/health``, ``/ready``, ``/openapi.yaml``, signed image files and CORS preflights need no credential. Refusals
 are OpenAI-shaped errors (401 with ``WWW-Authenticate``, 403 for a non-admin on ``/admin`` and on
@@ -23,6 +23,8 @@ def _protected(path: str, metrics_admin: bool) -> tuple[bool, bool]:
         return metrics_admin, metrics_admin
     if path.startswith("/infer_api/") or path == "/infer_api":
         return True, path == "/infer_api/v1/secure-route"
+    if path.startswith("/custom-models/") or path == "/custom-models":
+        return True, False
     return path.startswith("/v1/") or path == "/v1", False
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from app.worker.protocol import (
     GenerationParams,
     HealthInfo,
     LoraRef,
+    TrainingParams,
     WorkerEvent,
     decode_event,
     encode_params,
@@ -73,6 +75,8 @@ class WorkerBackend:
         self._headers = {TOKEN_HEADER: token} if token else {}
         self._connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
+        self.training = 0
+        """LoRA trainings this gateway runs on the worker now (routing sends inference elsewhere while one does)."""
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -91,8 +95,6 @@ class WorkerBackend:
     async def generate(
         self, params: GenerationParams, attachments: Sequence[BinaryIO] = ()
     ) -> AsyncIterator[WorkerEvent]:
-        head = encode_params(params)
-        body = _stream_body(head, attachments) if attachments else head
         try:
             await self.send_adapters(params.loras)
         except FileNotFoundError:  # deleted since the request named it: the request's fault, not the worker's
@@ -100,10 +102,24 @@ class WorkerBackend:
             return
         except (aiohttp.ClientError, OSError) as e:
             raise BackendFailed(f"worker {self.name} is unreachable: {e}") from None
+        async with contextlib.aclosing(self._stream("/v1/generate", encode_params(params), attachments)) as events:
+            async for event in events:
+                yield event
+
+    async def train(self, params: TrainingParams, files: Sequence[BinaryIO]) -> AsyncIterator[WorkerEvent]:
+        """Run a LoRA training (its images, then the checkpoint to resume from, in ``files``); events as generate."""
+        self.training += 1
         try:
-            resp = await self._client().post(
-                f"{self._base}/v1/generate", data=body, headers={"content-type": CONTENT_TYPE}
-            )
+            async with contextlib.aclosing(self._stream("/v1/train", encode_params(params), files)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self.training -= 1
+
+    async def _stream(self, path: str, head: bytes, attachments: Sequence[BinaryIO]) -> AsyncIterator[WorkerEvent]:
+        body = _stream_body(head, attachments) if attachments else head
+        try:
+            resp = await self._client().post(f"{self._base}{path}", data=body, headers={"content-type": CONTENT_TYPE})
         except (aiohttp.ClientError, OSError) as e:
             raise BackendFailed(f"worker {self.name} is unreachable: {e}") from None
         finished = False

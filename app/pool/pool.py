@@ -47,6 +47,8 @@ class Member:
     weight: float = 1.0
     capacity: int = 1
     """Requests the backend runs at once (a worker: 1; an upstream: its configured concurrency)."""
+    device: str = ""
+    """Where it runs: a local worker's device, a remote worker's address ("" for upstreams)."""
     probed: bool = False
     """Health-probed all the time (remote workers, upstreams); local workers are watched by their supervisor."""
     outstanding: int = 0
@@ -74,6 +76,11 @@ class Member:
     @property
     def name(self) -> str:
         return self.backend.name
+
+    @property
+    def training(self) -> bool:
+        """A LoRA training runs on it now: inference on it waits between training slices."""
+        return bool(getattr(self.backend, "training", 0))
 
     def _gauges(self) -> None:
         metrics.BACKEND_IN_FLIGHT.labels(self.name).set(self.outstanding)
@@ -166,6 +173,7 @@ class Pool:
         state: State = State.STARTING,
         capacity: int = 1,
         probed: bool = False,
+        device: str = "",
     ) -> Member:
         member = Member(
             backend=backend,
@@ -173,6 +181,7 @@ class Pool:
             weight=self.weights.get(backend.name, 1.0),
             capacity=capacity,
             probed=probed,
+            device=device,
         )
         self.members.append(member)
         self.set_state(member, state)
@@ -317,6 +326,7 @@ class Pool:
         candidates = [m for m in ready if m not in excluded]
         if not candidates:
             raise Unavailable(f"No other backend is ready for model '{model}'.", retry_after=5)
+        candidates = [m for m in candidates if not m.training] or candidates  # a training device only if no other
         config = self.models[model]
         capacity = sum(m.capacity for m in ready)
         waiting = self._outstanding[model] - capacity
@@ -347,6 +357,19 @@ class Pool:
     def _observe_duration(self, model: str, seconds: float) -> None:
         avg = self._avg_seconds[model]
         self._avg_seconds[model] = seconds if avg == 0 else 0.8 * avg + 0.2 * seconds
+
+    def trainers(self, model: str, devices: Iterable[str] = ()) -> list[Member]:
+        """Ready workers that can train LoRA adapters for ``model`` (on ``devices``, if named), idle ones first."""
+        wanted = set(devices)
+        found = [
+            m
+            for m in self.ready(model)
+            if hasattr(m.backend, "train")
+            and (details := m.details.get(model)) is not None
+            and details.trainable
+            and (not wanted or m.device in wanted)
+        ]
+        return sorted(found, key=lambda m: (m.training, m.outstanding))
 
     def is_ready(self) -> bool:
         """Every model has at least one ready backend, and the pool is not draining."""

@@ -48,7 +48,7 @@ class RemoteWorkers:
             backend = WorkerBackend(
                 f"remote-{address}", address, token=self.settings.worker_token, adapter_file=self.adapter_file
             )
-            self._watch(self.pool.add(backend, models, probed=True))
+            self._watch(self.pool.add(backend, models, probed=True, device=address))
         for u in self.settings.upstreams:
             self._watch(self.pool.add(UpstreamBackend(u), list(u.models), capacity=u.concurrency, probed=True))
 

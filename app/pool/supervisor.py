@@ -95,7 +95,9 @@ class Supervisor:
                 connect_timeout=5.0,
                 adapter_file=self.adapter_file,
             )
-            worker = LocalWorker(device=device, models=models, socket_path=sock, member=self.pool.add(backend, models))
+            worker = LocalWorker(
+                device=device, models=models, socket_path=sock, member=self.pool.add(backend, models, device=device)
+            )
             worker.task = asyncio.create_task(self._keep_running(worker), name=f"supervise-{name}")
             self.workers.append(worker)
 

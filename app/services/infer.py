@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from app.auth.principals import Principal
 from app.config import ModelConfig, Settings
 from app.errors import ApiError, BackendFailed, InvalidRequest, NotFound
-from app.protocol.images import ImageGenerateRequest, OutputFormat
+from app.protocol.images import ImageGenerateRequest, LoraSpec, OutputFormat
 from app.protocol.infer import (
     AspectRatio,
     AspectRatioList,
@@ -50,14 +50,18 @@ from app.protocol.infer import (
 )
 from app.protocol.jobs import ImageJob
 from app.services import aspect
+from app.services.custom import CustomModelService
 from app.services.enhance import ChatEnhancer, Enhancer, TemplateEnhancer, UpstreamFailed
 from app.services.images import ImageService
 from app.services.jobs import JobService
+from app.store.custom import TrainingRecord
 from app.store.jobs import JobRecord
 
 log = logging.getLogger("imagegate.infer")
 
 SURFACE = "infer"
+CUSTOM_PROJECT = "custom-models"
+"""The project of the caller's trained custom models (seed 001)."""
 PREFIX = "/infer_api/v1"
 STATUSES: dict[str, InferStatus] = {
     "queued": "queued",
@@ -114,13 +118,22 @@ class InferService:
         images: The image service: served models, their configuration and what their workers reported.
         jobs: The job layer that runs generations.
         enhancer: The prompt enhancer (see :func:`make_enhancer`).
+        custom: The custom models (seed 001): the caller's trained ones make the project ``custom-models``.
     """
 
-    def __init__(self, settings: Settings, images: ImageService, jobs: JobService, enhancer: Enhancer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        images: ImageService,
+        jobs: JobService,
+        enhancer: Enhancer,
+        custom: CustomModelService | None = None,
+    ) -> None:
         self.settings = settings
         self.images = images
         self.jobs = jobs
         self.enhancer = enhancer
+        self.custom = custom
 
     def _base(self, base_url: str) -> str:
         return (self.settings.public_url or base_url).rstrip("/")
@@ -190,13 +203,34 @@ class InferService:
         name, width, height = self._ratio(model, ratio, NotFound)
         return OutputDimensions(model=model.name, aspect_ratio=name, width=width, height=height)
 
-    def projects(self, principal: Principal) -> ProjectList:
+    async def _custom_models(self, principal: Principal) -> list[ProjectModel]:
+        if self.custom is None:
+            return []
+        return [
+            ProjectModel(
+                name=model.id,
+                project=CUSTOM_PROJECT,
+                family=self._family(self.images.config(model.base_model)),
+                trigger_words=[training.trigger_word],
+                style="",
+                sample_image_count=0,
+            )
+            for model, training in await self.custom.trained_models(principal)
+            if model.base_model in self.images.served() and principal.allows(model.base_model)
+        ]
+
+    async def projects(self, principal: Principal) -> ProjectList:
         counts: dict[str, int] = {}
         for model in self._allowed(principal):
             counts[model.project] = counts.get(model.project, 0) + 1
+        custom = await self._custom_models(principal)
+        if custom:
+            counts[CUSTOM_PROJECT] = counts.get(CUSTOM_PROJECT, 0) + len(custom)
         return ProjectList(data=[Project(name=name, model_count=n) for name, n in counts.items()])
 
-    def models(self, project: str, principal: Principal) -> ProjectModelList:
+    async def models(self, project: str, principal: Principal) -> ProjectModelList:
+        if project == CUSTOM_PROJECT and self.custom is not None:
+            return ProjectModelList(project=project, data=await self._custom_models(principal))
         data = [
             ProjectModel(
                 name=m.name,
@@ -210,7 +244,20 @@ class InferService:
         ]
         return ProjectModelList(project=project, data=data)
 
-    def model_config(self, project: str, name: str, principal: Principal) -> ProjectModelConfig:
+    async def _custom(self, name: str, principal: Principal) -> tuple[ModelConfig, TrainingRecord]:
+        """A trained custom model's base model, and the training whose adapter makes it the custom model."""
+        model, training = await self.custom.trained_model(name, principal)  # type: ignore[union-attr]
+        if model.base_model not in self.images.served() or not principal.allows(model.base_model):
+            raise NotFound(f"The custom model '{name}' is not served now.", param="model", code="model_not_found")
+        return self.images.config(model.base_model), training
+
+    async def model_config(self, project: str, name: str, principal: Principal) -> ProjectModelConfig:
+        if project == CUSTOM_PROJECT and self.custom is not None:
+            base, training = await self._custom(name, principal)
+            config = await self.model_config(base.project, base.name, principal)
+            return msgspec.structs.replace(
+                config, name=name, project=project, trigger_words=[training.trigger_word], style=""
+            )
         model = self._project_model(project, name, principal)
         described = self.images.describe(model.name, created=0)  # for what its workers reported; no date shown
         return ProjectModelConfig(
@@ -281,12 +328,20 @@ class InferService:
     async def submit(
         self, req: GenerationRequest, principal: Principal, base_url: str, idempotency_key: str | None
     ) -> InferJob:
-        """Submit a generation job; a model outside ``project`` is a 404, the rest is checked as for ``/v1``."""
-        model = self.images.config(req.model)
-        if model.project != req.project:
-            raise NotFound(
-                f"The project '{req.project}' has no model '{req.model}'.", param="model", code="model_not_found"
-            )
+        """Submit a generation job; a model outside ``project`` is a 404, the rest is checked as for ``/v1``.
+
+        A custom model (project ``custom-models``) generates with its base model and its newest adapter.
+        """
+        loras = None
+        if req.project == CUSTOM_PROJECT and self.custom is not None:
+            model, training = await self._custom(req.model, principal)
+            loras = [LoraSpec(id=training.adapter_id)]  # type: ignore[arg-type]
+        else:
+            model = self.images.config(req.model)
+            if model.project != req.project:
+                raise NotFound(
+                    f"The project '{req.project}' has no model '{req.model}'.", param="model", code="model_not_found"
+                )
         wire = ImageGenerateRequest(
             model=model.name,
             prompt=req.prompt,
@@ -301,6 +356,7 @@ class InferService:
             response_format="url",
             webhook_url=req.webhook_url,
             webhook_events=req.webhook_events,
+            loras=loras,
         )
         job, _ = await self.jobs.submit(
             "image.generation", wire, principal, base_url, idempotency_key=idempotency_key, surface=SURFACE

@@ -24,13 +24,14 @@ import math
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
+from sqlalchemy import Connection
 
 from app import metrics
 from app.auth.guard import Guard
@@ -105,6 +106,22 @@ def error_code(error: ApiError) -> str:
     return "internal"
 
 
+class RunLost(Exception):
+    """The run broke off through no fault of the job (its worker went away): it runs again, up to the attempts."""
+
+
+@dataclass(frozen=True)
+class Executor:
+    """How the job layer runs jobs of a kind besides images (see :meth:`JobService.register`)."""
+
+    run: Callable[[JobRecord], Awaitable[None]]
+    """Runs the claimed job to its end (:meth:`JobService.end`); raises ApiError to fail it, RunLost to rerun."""
+    room: Callable[[int], list[str]]
+    """Given how many jobs of the kind run here now, the models for which one more may start."""
+    ended: Callable[[JobRecord], None] = lambda job: None
+    """Called when a job of the kind ended here (its leftovers can go)."""
+
+
 def _ts(t: float | None) -> int | None:
     return None if t is None else int(t)
 
@@ -115,6 +132,7 @@ class _Run:
 
     task: asyncio.Task[None]
     model: str
+    kind: str
     stop: str = ""
     """Why it is being stopped: ``cancel`` (asked), ``lost`` (the lease went elsewhere) or ``shutdown``."""
 
@@ -141,6 +159,7 @@ class JobService:
         self.inputs_dir.mkdir(parents=True, exist_ok=True)
         self.worker_id = f"gw_{secrets.token_hex(6)}"
         self._runs: dict[str, _Run] = {}
+        self.executors: dict[str, Executor] = {}
         self._progress_hooks: dict[str, float] = {}
         """Job -> when its last progress webhook was written (they are throttled)."""
         self._wake = asyncio.Event()
@@ -170,6 +189,10 @@ class JobService:
             run.task.cancel()
         await asyncio.gather(*self._tasks, *(r.task for r in self._runs.values()), return_exceptions=True)
 
+    def register(self, kind: str, executor: Executor) -> None:
+        """Run jobs of ``kind`` with ``executor`` (image jobs run through the image service)."""
+        self.executors[kind] = executor
+
     def _notify(self) -> None:
         """Wake whoever waits on job changes in this process (event streams, the runner)."""
         self._changed.set()
@@ -179,6 +202,13 @@ class JobService:
             callback()
 
     # -- submitting ---------------------------------------------------------------------------------------------
+
+    async def enqueue(self, record: JobRecord, also: Callable[[Connection], None] | None = None) -> None:
+        """Queue a job of a registered kind, with what ``also`` writes in the same transaction."""
+        queued = [new_event(record.id, "queued", record.created_at)]
+        await asyncio.to_thread(self.store.insert, record, queued, (), also)
+        metrics.JOBS_SUBMITTED.labels(record.kind).inc()
+        self._notify()
 
     def _prepare(
         self, kind: str, req: Request, images: list[InputImage], mask: InputImage | None, principal: Principal
@@ -200,8 +230,12 @@ class JobService:
         mask: InputImage | None = None,
         idempotency_key: str | None = None,
         surface: str = "openai",
+        job_id: str | None = None,
+        also: Callable[[Connection], None] | None = None,
     ) -> tuple[ImageJob, bool]:
         """Validate a request as its synchronous twin would, store it as a queued job, and return it.
+
+        ``job_id`` names the job (else a new ``job_...`` id); ``also`` writes what goes with it in its transaction.
 
         Returns:
             The job, and whether it was created now (False: an earlier submission with the same idempotency key).
@@ -221,7 +255,7 @@ class JobService:
             webhook_url = await self._webhook_target(req.webhook_url)
             req = msgspec.structs.replace(req, seed=job.params.seed)  # a rerun draws the same image
             now = self.clock()
-            job_id = f"job_{secrets.token_hex(12)}"
+            job_id = job_id or f"job_{secrets.token_hex(12)}"
             inputs = await asyncio.to_thread(self._save_inputs, job_id, job.inputs)
         finally:
             for i in given:
@@ -231,7 +265,7 @@ class JobService:
             kind=kind,
             surface=surface,
             owner=principal.id,
-            principal=msgspec.json.encode(_principal_fields(principal)).decode(),
+            principal=msgspec.json.encode(principal_fields(principal)).decode(),
             model=job.params.model,
             status="queued",
             request=msgspec.json.encode(req).decode(),
@@ -248,7 +282,7 @@ class JobService:
         )
 
         async def commit() -> tuple[JobRecord, bool]:
-            return await asyncio.to_thread(self.store.insert, record, [new_event(job_id, "queued", now)], ())
+            return await asyncio.to_thread(self.store.insert, record, [new_event(job_id, "queued", now)], (), also)
 
         try:
             if self.guard is not None:
@@ -361,10 +395,13 @@ class JobService:
 
     # -- reading, cancelling, deleting --------------------------------------------------------------------------
 
-    async def record(self, job_id: str, principal: Principal) -> JobRecord:
-        """The job, if the principal may see it (its owner, or an admin); another's job does not exist for it."""
+    async def record(self, job_id: str, principal: Principal, kinds: Sequence[str] = tuple(KINDS)) -> JobRecord:
+        """The job of ``kinds`` (images), if the principal may see it (its owner, or an admin).
+
+        Another's job, or one of another kind, does not exist for it.
+        """
         job = await asyncio.to_thread(self.store.get, job_id)
-        if job is None or (job.owner != principal.id and not principal.admin):
+        if job is None or job.kind not in kinds or (job.owner != principal.id and not principal.admin):
             raise NotFound(f"No job with id '{job_id}'.", param="job_id", code="job_not_found")
         return job
 
@@ -384,7 +421,9 @@ class JobService:
         cursor = await self.record(after, principal) if after else None
         owner = None if principal.admin else principal.id
         rows = await asyncio.to_thread(
-            lambda: self.store.list(owner, statuses=statuses, surface=surface, after=cursor, limit=limit + 1)
+            lambda: self.store.list(
+                owner, statuses=statuses, surface=surface, kinds=list(KINDS), after=cursor, limit=limit + 1
+            )
         )
         page = [self.view(j) for j in rows[:limit]]
         return JobList(
@@ -395,29 +434,35 @@ class JobService:
         )
 
     async def cancel(self, job_id: str, principal: Principal) -> ImageJob:
-        """Cancel a queued job at once, or stop a running one (within a denoising step when it runs here).
+        """Cancel a queued image job at once, or stop a running one (within a denoising step when it runs here)."""
+        return self.view(await self.halt(job_id, principal))
+
+    async def halt(
+        self, job_id: str, principal: Principal, kinds: Sequence[str] = tuple(KINDS), param: str = "job_id"
+    ) -> JobRecord:
+        """Cancel a queued job of ``kinds`` at once, or stop a running one (at its next step when it runs here).
 
         Raises:
             Conflict: the job already finished.
         """
-        job = await self.record(job_id, principal)
+        job = await self.record(job_id, principal, kinds)
         if job.status in FINISHED:
-            raise Conflict(f"The job already finished ({job.status}).", param="job_id", code="job_finished")
-        ended = await self._end(
+            raise Conflict(f"The job already finished ({job.status}).", param=param, code="job_finished")
+        ended = await self.end(
             job_id,
             "cancelled",
             from_status=("queued",),
             error=("cancelled", "The job was cancelled before it started."),
         )
         if ended is not None:
-            return self.view(ended)
+            return ended
         running = await asyncio.to_thread(self.store.request_cancel, job_id)
         run = self._runs.get(job_id)
         if run is not None:
             run.stop = "cancel"
             run.task.cancel()
             await asyncio.wait({run.task}, timeout=10)
-        return self.view(await asyncio.to_thread(self.store.get, job_id) or running or job)
+        return await asyncio.to_thread(self.store.get, job_id) or running or job
 
     async def delete(self, job_id: str, principal: Principal) -> JobDeleted:
         job = await self.record(job_id, principal)
@@ -426,7 +471,7 @@ class JobService:
 
     async def delete_all(self, principal: Principal, surface: str | None = None) -> int:
         """Delete the principal's jobs (every job for an admin); returns how many."""
-        ids = await asyncio.to_thread(self.store.ids, None if principal.admin else principal.id, surface)
+        ids = await asyncio.to_thread(self.store.ids, None if principal.admin else principal.id, list(KINDS), surface)
         jobs = [j for j in await asyncio.to_thread(lambda: [self.store.get(i) for i in ids]) if j is not None]
         await self._delete(jobs)
         return len(jobs)
@@ -512,7 +557,7 @@ class JobService:
 
     def _room(self) -> list[str]:
         """Models where jobs may start one more run now: fewer running than their share of ready capacity."""
-        running = Counter(run.model for run in self._runs.values())
+        running = Counter(run.model for run in self._runs.values() if run.kind in KINDS)
         room = []
         for model in self.images.served():
             capacity = sum(m.capacity for m in self.images.pool.ready(model))
@@ -531,20 +576,32 @@ class JobService:
                 async with asyncio.timeout(self.settings.job_poll_interval):  # unlike wait_for, never swallows a cancel
                     await self._wake.wait()
 
+    def _rooms(self) -> list[tuple[list[str], list[str]]]:
+        """(kinds, models) for which one more job may start here now."""
+        rooms = [(list(KINDS), self._room())]
+        for kind, executor in self.executors.items():
+            rooms.append(([kind], executor.room(sum(run.kind == kind for run in self._runs.values()))))
+        return [(kinds, models) for kinds, models in rooms if models]
+
     async def _claim_all(self) -> None:
-        while models := self._room():
-            job = await asyncio.to_thread(
-                self.store.claim,
-                self.worker_id,
-                self.clock(),
-                self.settings.job_lease,
-                models,
-                self.settings.job_max_attempts,
-                self._announce("started"),
-            )
-            if job is None:
+        while rooms := self._rooms():
+            for kinds, models in rooms:
+                job = await asyncio.to_thread(
+                    self.store.claim,
+                    self.worker_id,
+                    self.clock(),
+                    self.settings.job_lease,
+                    models,
+                    self.settings.job_max_attempts,
+                    self._announce("started"),
+                    kinds,
+                )
+                if job is not None:
+                    break
+            else:
                 return
-            self._runs[job.id] = _Run(asyncio.create_task(self._run(job), name=f"job-{job.id}"), job.model)
+            task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+            self._runs[job.id] = _Run(task, job.model, job.kind)
             self._notify()
 
     async def _run(self, job: JobRecord) -> None:
@@ -558,6 +615,13 @@ class JobService:
             log.info("job %s waits: %s", job.id, e.message)
             await asyncio.to_thread(self.store.release, job.id, self.worker_id)
             await asyncio.sleep(min(5.0, e.retry_after or 1.0))
+        except RunLost as e:
+            if job.attempts >= self.settings.job_max_attempts:
+                await self._fail(job, "worker_lost", f"The job's run was lost {job.attempts} times; the last: {e}")
+            else:
+                log.warning("job %s: its run %d was lost (%s); it runs again", job.id, job.attempts, e)
+                await asyncio.to_thread(self.store.release, job.id, self.worker_id, counted=True)
+                await asyncio.sleep(1.0)
         except ApiError as e:
             await self._fail(job, error_code(e), e.message)
         except Exception as e:
@@ -572,7 +636,7 @@ class JobService:
     async def _stopped(self, job: JobRecord, why: str) -> None:
         if why == "cancel":
             error = ("cancelled", "The job was cancelled while it ran.")
-            await self._end(job.id, "cancelled", worker=self.worker_id, error=error)
+            await self.end(job.id, "cancelled", worker=self.worker_id, error=error)
         elif why == "shutdown":
             await asyncio.to_thread(self.store.release, job.id, self.worker_id)
 
@@ -592,6 +656,9 @@ class JobService:
                 return
 
     async def _execute(self, record: JobRecord) -> None:
+        if record.kind in self.executors:
+            await self.executors[record.kind].run(record)
+            return
         req = msgspec.json.decode(record.request, type=KINDS[record.kind])
         inputs = [
             await checked(open(self.inputs_dir / name, "rb"), self.settings, "image")  # noqa: ASYNC230, SIM115
@@ -610,15 +677,17 @@ class JobService:
                     now = time.monotonic()
                     if event.step == event.total or now - last_write >= PROGRESS_WRITE_INTERVAL:
                         last_write = now
-                        await self._progress_event(record, event)
+                        await self.progress(record, event.step, event.total)
                 elif isinstance(event, Partial):
                     name = f"{record.id}_partial_{event.image_index}_{event.partial_index}.{job.params.output_format}"
                     await asyncio.to_thread(self._write, name, event.data)
-                    data = {"file": name, "image_index": event.image_index, "partial_index": event.partial_index}
-                    await asyncio.to_thread(
-                        self.store.add_events, [new_event(record.id, "partial_image", self.clock(), **data)]
+                    await self.add_event(
+                        record,
+                        "partial_image",
+                        file=name,
+                        image_index=event.image_index,
+                        partial_index=event.partial_index,
                     )
-                    self._notify()
                 elif isinstance(event, Image):
                     name = f"{record.id}_image_{event.index}.{job.params.output_format}"
                     await asyncio.to_thread(self._write, name, event.data)
@@ -630,23 +699,28 @@ class JobService:
         tmp.write_bytes(image_bytes(data))
         tmp.rename(self.files.directory / name)
 
-    async def _progress_event(self, record: JobRecord, event: Progress) -> None:
+    async def progress(self, record: JobRecord, step: int, total: int, **data: Any) -> None:
+        """Record a step of a job this gateway runs (with ``data`` in its event), and announce it if asked."""
         now = self.clock()
         announce = None
         if "progress" in (record.webhook_events or ()):
             last = self._progress_hooks.get(record.id, 0.0)
-            if now - last >= self.settings.webhook_progress_interval or event.step == event.total:
+            if now - last >= self.settings.webhook_progress_interval or step == total:
                 self._progress_hooks[record.id] = now
                 announce = self._announce("progress")
         await asyncio.to_thread(
             self.store.progress,
             record.id,
             self.worker_id,
-            event.step,
-            event.total,
-            [new_event(record.id, "progress", now, step=event.step, total=event.total)],
+            step,
+            total,
+            [new_event(record.id, "progress", now, step=step, total=total, **data)],
             announce,
         )
+        self._notify()
+
+    async def add_event(self, record: JobRecord, type: str, **data: Any) -> None:
+        await asyncio.to_thread(self.store.add_events, [new_event(record.id, type, self.clock(), **data)])
         self._notify()
 
     async def _succeed(self, record: JobRecord, job: Job, files: list[str], prompt_tokens: int) -> None:
@@ -663,7 +737,7 @@ class JobService:
             "usage": usage,
         }
         steps = p.steps * (p.strength or 1.0) if p.task == "img2img" else p.steps
-        ended = await self._end(
+        ended = await self.end(
             record.id,
             "succeeded",
             worker=self.worker_id,
@@ -679,10 +753,10 @@ class JobService:
             self.guard.count_images(msgspec.json.decode(record.principal)["alias"], len(files))
 
     async def _fail(self, record: JobRecord, code: str, message: str) -> None:
-        if await self._end(record.id, "failed", worker=self.worker_id, error=(code, message)) is not None:
+        if await self.end(record.id, "failed", worker=self.worker_id, error=(code, message)) is not None:
             log.warning("job %s failed (%s): %s", record.id, code, message)
 
-    async def _end(
+    async def end(
         self,
         job_id: str,
         status: Status,
@@ -692,8 +766,9 @@ class JobService:
         error: tuple[str, str] | None = None,
         result: str | None = None,
         usage: Sequence[UsageRow] = (),
+        also: Callable[[Connection], None] | None = None,
     ) -> JobRecord | None:
-        """End a job in one transaction with its event, webhooks and usage.
+        """End a job in one transaction with its event, webhooks, usage and what ``also`` writes.
 
         Returns None when the job was not in ``from_status`` (or, with ``worker``, no longer that worker's run).
         """
@@ -710,6 +785,7 @@ class JobService:
                 events=[new_event(job_id, status, now)],
                 announce=self._announce(status),
                 usage=usage,
+                also=also,
             )
         )
         if ended is not None:
@@ -717,6 +793,8 @@ class JobService:
         return ended
 
     def _ended(self, job: JobRecord) -> None:
+        if job.kind in self.executors:
+            self.executors[job.kind].ended(job)
         metrics.JOBS_FINISHED.labels(job.kind, job.status).inc()
         if job.completed_at is not None:
             metrics.JOB_SECONDS.labels(job.kind, job.status).observe(job.completed_at - job.created_at)
@@ -746,24 +824,24 @@ class JobService:
             else:
                 status = "failed"
                 code = ("worker_lost", f"The job's run was lost {job.attempts} times (a worker or gateway went away).")
-            await self._end(job.id, status, error=code)
+            await self.end(job.id, status, error=code)
         for job in await asyncio.to_thread(self.store.overdue, now):
             error = ("expired", "The job waited in the queue past its deadline.")
-            await self._end(job.id, "expired", from_status=("queued",), error=error)
+            await self.end(job.id, "expired", from_status=("queued",), error=error)
         expired = await asyncio.to_thread(self.store.expired, now)
         if expired:
             for job in await asyncio.to_thread(self.store.delete, expired):
                 await asyncio.to_thread(self._remove_files, job)
             log.info("removed %d jobs past their retention", len(expired))
         counts, oldest, depth = await asyncio.to_thread(self.store.stats)
-        for kind in KINDS:
+        for kind in (*KINDS, *self.executors):
             for status in (*ACTIVE, *FINISHED):
                 metrics.JOBS.labels(kind, status).set(counts.get((kind, status), 0))
         metrics.JOB_QUEUE_AGE.set(0 if oldest is None else max(0.0, now - oldest))
         metrics.WEBHOOK_OUTBOX.set(depth)
 
 
-def _principal_fields(principal: Principal) -> dict[str, Any]:
+def principal_fields(principal: Principal) -> dict[str, Any]:
     return {
         "id": principal.id,
         "alias": principal.alias,

@@ -119,6 +119,12 @@ def _job_values(job: JobRecord) -> dict[str, Any]:
     return values
 
 
+def _event(row: Row) -> EventRecord:
+    return EventRecord(
+        id=row.id, job_id=row.job_id, type=row.type, data=msgspec.json.decode(row.data), created_at=row.created_at
+    )
+
+
 def _delivery(row: Row) -> Delivery:
     return Delivery(**row._asdict())
 
@@ -155,8 +161,16 @@ class JobStore:
         if deliveries:
             conn.execute(insert(webhook_outbox), [msgspec.structs.asdict(d) for d in deliveries])
 
-    def insert(self, job: JobRecord, events: Sequence[dict], deliveries: Sequence[Delivery]) -> tuple[JobRecord, bool]:
+    def insert(
+        self,
+        job: JobRecord,
+        events: Sequence[dict],
+        deliveries: Sequence[Delivery],
+        also: Callable[[Connection], None] | None = None,
+    ) -> tuple[JobRecord, bool]:
         """Store a new job; with an idempotency key already used by the owner, the job stored then (created False).
+
+        ``also`` writes what goes with the job (a training's or prediction's row) in the same transaction.
 
         Raises:
             IdempotencyConflict: the key was used with a different request.
@@ -165,6 +179,8 @@ class JobStore:
             with self.db.begin() as conn:
                 conn.execute(insert(jobs).values(_job_values(job)))
                 self._record(conn, events, deliveries)
+                if also is not None:
+                    also(conn)
             return job, True
         except IntegrityError:
             if job.idempotency_key is None:
@@ -177,7 +193,7 @@ class JobStore:
             )
         )
         if existing is None:  # deleted in between: nothing to return, and nothing of it to conflict with
-            return self.insert(job, events, deliveries)
+            return self.insert(job, events, deliveries, also)
         if existing.request_hash != job.request_hash:
             raise IdempotencyConflict(job.idempotency_key)
         return existing, False
@@ -190,8 +206,12 @@ class JobStore:
         models: Sequence[str],
         max_attempts: int,
         announce: Announce = None,
+        kinds: Sequence[str] = (),
     ) -> JobRecord | None:
-        """Take the oldest runnable job of ``models`` (queued, or running on an expired lease) with a fresh lease."""
+        """Take the oldest runnable job of ``models`` and ``kinds`` with a fresh lease.
+
+        Runnable: queued, or running on an expired lease.
+        """
         runnable = or_(
             and_(jobs.c.status == "queued", jobs.c.deadline_at > now),
             and_(
@@ -203,7 +223,7 @@ class JobStore:
         )
         pick = (
             select(jobs.c.id)
-            .where(runnable, jobs.c.model.in_(list(models)))
+            .where(runnable, jobs.c.model.in_(list(models)), jobs.c.kind.in_(list(kinds)))
             .order_by(jobs.c.created_at)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -257,13 +277,21 @@ class JobStore:
                 self._record(conn, events, announce(job) if announce else ())
         return job is not None
 
-    def release(self, job_id: str, worker: str) -> None:
-        """Put a claimed job back in the queue, its attempt not counted (its model had no room after all)."""
+    def release(self, job_id: str, worker: str, *, counted: bool = False) -> None:
+        """Put a claimed job back in the queue.
+
+        Its attempt is not counted (its model had no room after all) unless ``counted`` (its run was lost).
+        """
         self.db.write(
             lambda c: c.execute(
                 update(jobs)
                 .where(self._held(job_id, worker))
-                .values(status="queued", lease_owner=None, lease_expires_at=None, attempts=jobs.c.attempts - 1)
+                .values(
+                    status="queued",
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    attempts=jobs.c.attempts - (0 if counted else 1),
+                )
             )
         )
 
@@ -280,11 +308,12 @@ class JobStore:
         events: Sequence[dict] = (),
         announce: Announce = None,
         usage: Sequence[UsageRow] = (),
+        also: Callable[[Connection], None] | None = None,
     ) -> JobRecord | None:
         """End a job; only the lease holder (``worker``) can end a running job it runs. None if it could not.
 
-        The job's event, its webhook deliveries (``announce`` makes them from the ended job) and its usage are
-        written in the same transaction.
+        The job's event, its webhook deliveries (``announce`` makes them from the ended job), its usage and what
+        ``also`` writes (a trained adapter) are written in the same transaction.
         """
         condition = and_(jobs.c.id == job_id, jobs.c.status.in_(list(from_status)))
         if worker is not None:
@@ -299,6 +328,8 @@ class JobStore:
             if job is not None:
                 self._record(conn, events, announce(job) if announce else ())
                 add_usage(conn, usage)
+                if also is not None:
+                    also(conn)
         return job
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
@@ -344,11 +375,12 @@ class JobStore:
         *,
         statuses: Sequence[str] | None = None,
         surface: str | None = None,
+        kinds: Sequence[str] = (),
         after: JobRecord | None = None,
         limit: int = 20,
     ) -> list[JobRecord]:
-        """Newest first; ``after`` is the last job of the previous page."""
-        query = select(jobs)
+        """Newest first, of ``kinds``; ``after`` is the last job of the previous page."""
+        query = select(jobs).where(jobs.c.kind.in_(list(kinds)))
         if owner is not None:
             query = query.where(jobs.c.owner == owner)
         if statuses:
@@ -365,25 +397,29 @@ class JobStore:
         query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         return [j for j in self.db.read(lambda c: [_job(r) for r in c.execute(query)]) if j is not None]
 
-    def ids(self, owner: str | None, surface: str | None = None) -> list[str]:
-        query = select(jobs.c.id)
+    def ids(self, owner: str | None, kinds: Sequence[str], surface: str | None = None) -> list[str]:
+        query = select(jobs.c.id).where(jobs.c.kind.in_(list(kinds)))
         if owner is not None:
             query = query.where(jobs.c.owner == owner)
         if surface is not None:
             query = query.where(jobs.c.surface == surface)
         return self.db.read(lambda c: list(c.execute(query).scalars()))
 
+    def last_event(self, job_id: str, type: str) -> EventRecord | None:
+        query = (
+            select(job_events)
+            .where(job_events.c.job_id == job_id, job_events.c.type == type)
+            .order_by(job_events.c.id.desc())
+            .limit(1)
+        )
+        row = self.db.read(lambda c: c.execute(query).first())
+        return None if row is None else _event(row)
+
     def events(self, job_id: str, after: int = 0) -> list[EventRecord]:
         query = (
             select(job_events).where(job_events.c.job_id == job_id, job_events.c.id > after).order_by(job_events.c.id)
         )
-        rows = self.db.read(lambda c: c.execute(query).all())
-        return [
-            EventRecord(
-                id=r.id, job_id=r.job_id, type=r.type, data=msgspec.json.decode(r.data), created_at=r.created_at
-            )
-            for r in rows
-        ]
+        return [_event(row) for row in self.db.read(lambda c: c.execute(query).all())]
 
     def reserved(self, owner: str) -> int:
         """Images that the owner's unfinished jobs hold against its quota."""

@@ -165,4 +165,64 @@ adapters = Table(
     Column("created_at", Float, nullable=False),
     Index("adapters_model", "model"),
 )
-"""LoRA adapters of the base models, uploaded (later: trained); the file is kept by its digest, shared between rows."""
+"""LoRA adapters of the base models, uploaded or trained; the file is kept by its digest, shared between rows."""
+
+custom_models = Table(
+    "custom_models",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("owner", String, nullable=False),
+    Column("display_name", String, nullable=False),
+    Column("model_type", String),
+    Column("base_model", String, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("deleted_at", Float),
+    Index("custom_models_owner", "owner", "created_at"),
+)
+"""Custom models of seed 001, per principal; a deleted one keeps its row (``deleted_at``) for its history."""
+
+training_images = Table(
+    "training_images",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("model_id", String, nullable=False),
+    Column("file", String, nullable=False),
+    Column("format", String, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("caption", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("training_images_model", "model_id", "created_at"),
+)
+"""A custom model's training images (the files in the data dir); deleting one removes it."""
+
+trainings = Table(
+    "trainings",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("model_id", String, nullable=False),
+    Column("trigger_word", String, nullable=False),
+    Column("strength", Integer, nullable=False),
+    Column("speed", String, nullable=False),
+    Column("plan", Text, nullable=False),
+    Column("adapter_id", String),
+    Column("created_at", Float, nullable=False),
+    Column("deleted_at", Float),
+    Index("trainings_model", "model_id", "created_at"),
+)
+"""A training of a custom model; it runs as the job of the same id, and ends with its adapter (``adapter_id``)."""
+
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("owner", String, nullable=False),
+    Column("scale_configs", Text, nullable=False),
+    Column("warnings", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("deleted_at", Float),
+)
+"""A prediction with custom models; it runs as the generation job of the same id."""

@@ -6,8 +6,8 @@ constraints and enums as the contract's schema of the same name, the upload rout
 the structs they are decoded into (plus their file parts), and each operation's ``security`` is what the auth
 middleware enforces on its path. Live checks: what the app actually answers (JSON, SSE frames, errors, headers),
 anonymous and with credentials (admin key, virtual keys in every header, Basic users, per-key limits, the admin
-API, asynchronous jobs and their events, the custom-models inference API), validates against the contract. No torch:
-the backend is :class:`FakeBackend`.
+API, asynchronous jobs and their events, the custom-models inference API, the custom-models API), validates against
+the contract. No torch: the backend is :class:`FakeBackend`.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ from app.backends.fake import FakeBackend
 from app.config import DEMO_MODEL, Settings, load_settings
 from app.errors import ErrorBody, ErrorEvent, ErrorResponse
 from app.protocol import admin as admin_protocol
+from app.protocol import custom as custom_protocol
 from app.protocol import images as protocol
 from app.protocol import infer as infer_protocol
 from app.protocol import jobs as jobs_protocol
+from app.services.custom import MAX_IMAGE_BYTES
 from app.worker.protocol import SCHEDULERS
 
 
@@ -64,11 +66,13 @@ PROTOCOL_STRUCTS = module_structs(protocol)
 ADMIN_STRUCTS = module_structs(admin_protocol)
 JOB_STRUCTS = module_structs(jobs_protocol)
 INFER_STRUCTS = module_structs(infer_protocol)
+CUSTOM_STRUCTS = module_structs(custom_protocol)
 WIRE_STRUCTS: list[type[msgspec.Struct]] = [
     *PROTOCOL_STRUCTS,
     *ADMIN_STRUCTS,
     *JOB_STRUCTS,
     *INFER_STRUCTS,
+    *CUSTOM_STRUCTS,
     ErrorResponse,
     ErrorBody,
     ErrorEvent,
@@ -88,6 +92,12 @@ REQUEST_STRUCTS = {
     admin_protocol.KeyUpdate,
     infer_protocol.GenerationRequest,
     infer_protocol.EnhancePromptRequest,
+    custom_protocol.CreateModel,
+    custom_protocol.RenameModel,
+    custom_protocol.StartTraining,
+    custom_protocol.CreatePrediction,
+    custom_protocol.ScaleConfig,
+    custom_protocol.ImageSize,
 }
 # Routes that read their body themselves (app/api/uploads.py) instead of through a ``data`` argument:
 # operationId -> {media type: (the contract's body schema, the struct app/api/uploads.py decodes it into)}.
@@ -99,6 +109,14 @@ UPLOAD_BODIES: dict[str, dict[str, tuple[str, type[msgspec.Struct]]]] = {
     "imageVariation": {
         "multipart/form-data": ("ImageVariationMultipartRequest", protocol.ImageVariationRequest),
     },
+}
+# Routes whose body is a file's raw bytes, read from the request stream (app/api/admin.py, app/api/custom.py):
+# operationId -> the media types the contract declares for it, each ``type: string, format: binary``.
+IMAGE_BYTES = ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
+RAW_BODIES = {
+    "uploadAdapter": ("application/octet-stream",),
+    "customUploadData": IMAGE_BYTES,
+    "customReplaceData": IMAGE_BYTES,
 }
 # The file parts each multipart body declares besides its struct's fields (all of them names uploads.py reads).
 MULTIPART_FILES = {"imageEdit": {"image", "image[]", "mask"}, "imageVariation": {"image", "image[]"}}
@@ -607,7 +625,18 @@ def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
         data = handler.parsed_fn_signature.parameters.get("data")
         content = op.get("requestBody", {}).get("content", {})
         read_bodies = UPLOAD_BODIES.get(handler.operation_id)
-        if read_bodies is not None:
+        raw = RAW_BODIES.get(handler.operation_id)
+        if raw is not None:
+            if data is not None:
+                problems.append(f"{where}: decodes a `data` argument, but RAW_BODIES says it reads its own body")
+            if sorted(content) != sorted(raw):
+                problems.append(f"{where}: body media types are {sorted(content)} in openapi.yaml, {sorted(raw)}")
+            for media, body in content.items():
+                if body.get("schema") != {"type": "string", "format": "binary"}:
+                    problems.append(f"{where}: the {media} body is {body.get('schema')}, not a binary string")
+            if not op.get("requestBody", {}).get("required"):
+                problems.append(f"{where}: the request body is required")
+        elif read_bodies is not None:
             if data is not None:
                 problems.append(f"{where}: decodes a `data` argument, but UPLOAD_BODIES says it reads its own body")
             if set(content) != set(read_bodies):
@@ -622,9 +651,17 @@ def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
                 problems.append(f"{where}: the request body is required")
         else:
             body = content.get("application/json", {}).get("schema", {})
-            code_body = data.annotation.__name__ if data is not None else None
+            struct, optional = body_type(data.annotation) if data is not None else (None, False)
+            code_body = struct.__name__ if struct is not None else None
             if code_body != ref_name(body):
                 problems.append(f"{where}: request body is {ref_name(body)!r} in openapi.yaml, {code_body!r} in code")
+            if set(content) - {"application/json"}:
+                problems.append(f"{where}: body media types {sorted(content)}; a raw body belongs in RAW_BODIES")
+            if data is not None and bool(op.get("requestBody", {}).get("required")) == optional:
+                problems.append(
+                    f"{where}: the request body is {'optional' if optional else 'required'} in code, "
+                    f"required: {op.get('requestBody', {}).get('required')} in openapi.yaml"
+                )
 
         # The handler's success status (200, 201 for a create, 204 for a delete) is the contract's only 2xx, but for
         # those the handler answers itself (OTHER_SUCCESSES).
@@ -646,6 +683,15 @@ def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
         if status == "204" and (returned not in (None, type(None)) or "content" in declared):
             problems.append(f"{where}: a 204 has no body, but the handler returns {returned!r} or the contract one")
     assert not problems, "operations drifted:\n" + "\n".join(problems)
+
+
+def body_type(annotation: Any) -> tuple[Any, bool]:
+    """The struct a ``data`` argument decodes into, and whether the body may be left out (``Struct | None``)."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else annotation), True
+    return annotation, False
 
 
 # -- 3. wire structs ----------------------------------------------------------------------------------------------
@@ -1583,3 +1629,149 @@ def test_live_infer_answers_conform(tmp_path: Path, spec: dict[str, Any]) -> Non
         refused(client, spec, "GET", f"{INFER}/secure-route", 403, "admin_required", headers=alice)
         assert get(f"{INFER}/secure-route", 200, headers=root)["principal"] == "root"
         refused(client, spec, "GET", f"{INFER}/projects", 401, "invalid_api_key")
+
+
+# -- 9. the custom-models API, live -------------------------------------------------------------------------------
+
+CM = "/custom-models/v1"
+CM_MODELS = f"{CM}/models"
+CM_MODEL = f"{CM_MODELS}/{{model_id}}"
+CM_DATA = f"{CM_MODEL}/data"
+CM_IMAGE = f"{CM_DATA}/{{data_id}}"
+CM_TRAININGS = f"{CM_MODEL}/trainings"
+CM_TRAINING = f"{CM_TRAININGS}/{{training_id}}"
+CM_PREDICTIONS = f"{CM}/predictions"
+CM_PREDICTION = f"{CM_PREDICTIONS}/{{prediction_id}}"
+
+
+def rotated_jpeg(width: int, height: int) -> bytes:
+    """A JPEG of ``width`` x ``height`` pixels whose EXIF orientation (6) says to turn it a quarter clockwise."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), "red").save(buf, format="JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def test_live_custom_models_conform(tmp_path: Path, spec: dict[str, Any]) -> None:
+    keys = [
+        {"id": "alice", "key_sha256": hashlib.sha256(b"sk-alice").hexdigest()},
+        {"id": "bob", "key_sha256": hashlib.sha256(b"sk-bob").hexdigest()},
+    ]
+    alice, bob = bearer("sk-alice"), bearer("sk-bob")
+    with TestClient(fake_app(secured_settings(tmp_path, api_keys=keys))) as client:
+
+        def call(method: str, template: str, status: int, headers: dict[str, str] = alice, **kw: Any) -> Any:
+            ids = {k: v for k, v in kw.items() if k.endswith("_id")}
+            rest = {k: v for k, v in kw.items() if k not in ids}
+            path = template.format(**ids)
+            if query := rest.pop("query", ""):
+                path = f"{path}?{query}"
+            return call_checked(client, spec, method, path, status, template, headers=headers, **rest)
+
+        def upload(status: int, image: bytes, caption: str | None = None, data_id: str | None = None) -> Any:
+            query = f"caption={caption}" if caption is not None else ""
+            kw = {"content": image, "headers": {**alice, "content-type": "image/png"}}
+            if data_id is None:
+                return call("POST", CM_DATA, status, model_id=model_id, query=query, **kw)
+            return call("PUT", CM_IMAGE, status, model_id=model_id, data_id=data_id, query=query, **kw)
+
+        # Models: create, get, list (paged), rename; another key's model does not exist for it.
+        model = call("POST", CM_MODELS, 201, json={"displayName": "Acme sneakers"})
+        model_id = model["id"]
+        assert (model["baseModel"], model["imageCount"], model["latestTrainingId"]) == (DEMO_MODEL, 0, None)
+        other = call("POST", CM_MODELS, 201, json={"displayName": "other", "customModelType": "style"})
+        assert call("GET", CM_MODEL, 200, model_id=model_id) == model
+        page = call("GET", CM_MODELS, 200, query="limit=1")
+        assert [m["id"] for m in page["data"]] == [other["id"]] and page["nextCursor"] == other["id"]
+        page = call("GET", CM_MODELS, 200, query=f"limit=1&cursor={other['id']}")
+        assert [m["id"] for m in page["data"]] == [model_id]
+        assert call("GET", CM_MODELS, 200, headers=bob)["data"] == []
+        renamed = call("PATCH", CM_MODEL, 200, model_id=model_id, json={"updatedDisplayName": "Acme 2026"})
+        assert renamed["displayName"] == "Acme 2026"
+        for status, kw in (
+            (400, {"json": {"displayName": ""}}),
+            (400, {"json": {"displayName": "x", "color": "red"}}),
+            (400, {"query": "limit=0"}),
+            (400, {"query": "limit=101"}),
+            (404, {"query": "cursor=cm_nope"}),
+        ):
+            call("POST" if "json" in kw else "GET", CM_MODELS, status, **kw)
+        call("PATCH", CM_MODEL, 400, model_id=model_id, json={"updatedDisplayName": "x" * 201})
+        call("GET", CM_MODEL, 404, headers=bob, model_id=model_id)
+        refused(client, spec, "GET", CM_MODELS, 401, "invalid_api_key")
+
+        # Training images: upload three, list them, get one with its bytes, replace one, delete one.
+        ids = [upload(201, png(48, 32), caption="white sneaker")["dataId"] for _ in range(3)]
+        images = call("GET", CM_DATA, 200, model_id=model_id)
+        assert [i["dataId"] for i in images] == ids and all("dataUrl" not in i for i in images)
+        assert (images[0]["format"], images[0]["width"], images[0]["caption"]) == ("png", 48, "white sneaker")
+        one = call("GET", CM_IMAGE, 200, model_id=model_id, data_id=ids[0])
+        assert one["dataUrl"].startswith("data:image/png;base64,")
+        assert upload(200, png(64, 64), data_id=ids[0]) == {"dataId": ids[0]}
+        replaced = call("GET", CM_IMAGE, 200, model_id=model_id, data_id=ids[0])
+        assert (replaced["width"], replaced["caption"]) == (64, "white sneaker"), "no caption keeps the old one"
+        assert call("DELETE", CM_IMAGE, 200, model_id=model_id, data_id=ids[2]) == {"id": ids[2], "deleted": True}
+        call("GET", CM_IMAGE, 404, model_id=model_id, data_id=ids[2])
+        # Checked on upload: other formats, corrupt images, an empty body, oversize ones, long captions; EXIF.
+        for body, code in (
+            (b"GIF89a" + bytes(64), "invalid_image_format"),
+            (png()[:40], "invalid_image_format"),
+            (b"", None),
+            (bytes(MAX_IMAGE_BYTES + 1), "image_too_large"),
+        ):
+            error = upload(400, body)["error"]
+            assert (error["param"], error["code"]) == ("file", code), error
+        assert upload(400, png(), caption="x" * 1001)["error"]["param"] == "caption"
+        assert upload(413, bytes(MAX_IMAGE_BYTES + (2 << 20)))["error"]["code"] == "payload_too_large"
+        upright = call("GET", CM_IMAGE, 200, model_id=model_id, data_id=upload(201, rotated_jpeg(40, 20))["dataId"])
+        assert (upright["format"], upright["width"], upright["height"]) == ("jpeg", 20, 40), upright
+        call("DELETE", CM_IMAGE, 200, model_id=model_id, data_id=upright["dataId"])
+
+        # Trainings: too few images, then a training (it stays `processing`: no fake worker trains), cancelled.
+        error = call("POST", CM_TRAININGS, 400, model_id=model_id)["error"]
+        assert (error["param"], error["code"]) == ("modelId", "not_enough_images")
+        upload(201, png())
+        call("POST", CM_TRAININGS, 400, model_id=model_id, json={"trainingSpeed": "slow"})
+        call("POST", CM_TRAININGS, 400, model_id=model_id, json={"trainingStrength": 11})
+        started = call("POST", CM_TRAININGS, 201, model_id=model_id, json={"trainingSpeed": "high_quality"})
+        training_id = started["trainingId"]
+        assert started["status"] == "processing" and re.fullmatch(r"[A-Z]{3}\d{2}[A-Z]{2}", started["triggerWord"])
+        assert started["hyperparameters"]["rank"] == 16 and started["hyperparameters"]["steps"] == 500
+        training = call("GET", CM_TRAINING, 200, model_id=model_id, training_id=training_id)
+        assert (training["status"], training["imageCount"], training["progress"]) == ("processing", 3, None)
+        assert call("GET", CM_TRAININGS, 200, model_id=model_id) == [{"id": training_id, "status": "processing"}]
+        cancelled = call("POST", f"{CM_TRAINING}/cancel", 200, model_id=model_id, training_id=training_id)
+        assert cancelled["status"] == "canceled" and cancelled["error"]["code"] == "cancelled"
+        assert cancelled["completedAt"] is not None
+        call("POST", f"{CM_TRAINING}/cancel", 409, model_id=model_id, training_id=training_id)
+        second = call("POST", CM_TRAININGS, 201, model_id=model_id)["trainingId"]  # no body: the defaults
+        assert call("GET", CM_TRAINING, 200, model_id=model_id, training_id=second)["trainingSpeed"] == "fast"
+        call("DELETE", CM_TRAINING, 200, model_id=model_id, training_id=second)
+        call("GET", CM_TRAINING, 404, model_id=model_id, training_id=second)
+        assert [t["id"] for t in call("GET", CM_TRAININGS, 200, model_id=model_id)] == [training_id]
+
+        # Predictions: an unknown model, a model without a successful training, bad keys and fields.
+        for configs, param, code in (
+            ({"1": {"modelId": "cm_nope"}}, "scaleConfigs.1.modelId", "model_not_found"),
+            ({"1": {"modelId": model_id}}, "scaleConfigs.1.modelId", "training_not_ready"),
+            ({"first": {"modelId": model_id}}, "scaleConfigs", "invalid_key"),
+        ):
+            error = call("POST", CM_PREDICTIONS, 400, json={"scaleConfigs": configs, "prompt": "x"})["error"]
+            assert (error["param"], error["code"]) == (param, code), error
+        for bad in (
+            {"scaleConfigs": {}, "prompt": "x"},
+            {"scaleConfigs": {"1": {"modelId": model_id, "scale": 3}}, "prompt": "x"},
+            {"scaleConfigs": {"1": {"modelId": model_id}}, "prompt": "x", "image_size": {"width": 64, "height": 64}},
+        ):
+            call("POST", CM_PREDICTIONS, 400, json=bad)
+        call("GET", CM_PREDICTION, 404, prediction_id="pred_nope")
+        call("DELETE", CM_PREDICTION, 404, prediction_id="pred_nope")
+
+        # Deleting the model: 200 Deleted, then 404 for it and everything under it.
+        assert call("DELETE", CM_MODEL, 200, model_id=model_id) == {"id": model_id, "deleted": True}
+        error = call("GET", CM_MODEL, 404, model_id=model_id)["error"]
+        assert (error["param"], error["code"]) == ("modelId", "model_not_found")
+        call("GET", CM_DATA, 404, model_id=model_id)
+        call("GET", CM_TRAINING, 404, model_id=model_id, training_id=training_id)
+        call("DELETE", CM_MODEL, 404, model_id=model_id)

@@ -804,3 +804,32 @@ def test_adapter_affinity_prefers_a_backend_that_holds_the_adapters_unless_it_is
         lease = pool.acquire("m", 10.0, adapters=frozenset({"d2"}))
         assert lease.member is b
         lease.release(succeeded=True)
+
+
+def test_inference_avoids_a_training_worker_while_another_can_serve_and_trainers_are_chosen_by_device():
+    from app.backends.worker import WorkerBackend
+    from app.worker.protocol import ModelDetails
+
+    pool = Pool([ModelConfig(name="m", path="x")])
+    gpu0, gpu1 = WorkerBackend("gpu0", "unix:/nonexistent-0"), WorkerBackend("gpu1", "unix:/nonexistent-1")
+    a = pool.add(gpu0, ["m"], state=State.READY, device="cuda:0")
+    b = pool.add(gpu1, ["m"], state=State.READY, device="cuda:1")
+    upstream = pool.add(FakeBackend(name="upstream"), ["m"], state=State.READY)
+    for member in (a, b):
+        member.details = {"m": ModelDetails(family="sd", schedulers=[], lora=True, trainable=True, native_side=512)}
+    assert pool.trainers("m") == [a, b] and pool.trainers("m", ["cuda:1"]) == [b]
+    assert upstream not in pool.trainers("m")  # reported nothing about training: never a trainer
+    gpu0.training = 1  # what WorkerBackend.train counts while a training streams
+    assert a.training and pool.trainers("m") == [b, a]  # an idle trainer first
+    picked = Counter()
+    for _ in range(30):
+        lease = pool.acquire("m", 1.0)
+        picked[lease.member.name] += 1
+        lease.release(succeeded=True)
+    assert picked["gpu0"] == 0 and picked["gpu1"] + picked["upstream"] == 30
+    # when the training worker is the only one, requests still go to it (they run between training slices)
+    solo = Pool([ModelConfig(name="m", path="x")])
+    only = solo.add(gpu0, ["m"], state=State.READY, device="cuda:0")
+    lease = solo.acquire("m", 1.0)
+    assert lease.member is only
+    lease.release(succeeded=True)
