@@ -170,6 +170,7 @@ def test_ready_lists_backends_with_their_state_load_and_weight(tmp_path):
             "recent_failures": 0,
             "cooldown_seconds_left": 0,
             "detail": "",
+            "training": False,
         }
         assert by_name[plain]["weight"] == 1
 

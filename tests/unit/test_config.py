@@ -287,6 +287,7 @@ def test_scalar_fields_types():
         "upstreams",
         "backend_weights",
         "webhook_retry_schedule",
+        "training",
     }  # file or JSON env
     assert set(fields) | set(list_fields()) == {f.name for f in msgspec.structs.fields(Settings)} - tables
     assert fields["allow_anonymous"] is bool
