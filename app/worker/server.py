@@ -44,12 +44,17 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(body=msgspec.json.encode(info), content_type="application/json")
 
 
+async def _head(request: web.Request) -> bytes:
+    """The length-prefixed params at the start of a job's body."""
+    (length,) = FRAME_HEADER.unpack(await request.content.readexactly(FRAME_HEADER.size))
+    return await request.content.readexactly(length)
+
+
 async def generate(request: web.Request) -> web.StreamResponse:
     if not _authorized(request):
         return web.Response(status=401, text="bad worker token")
     try:
-        (length,) = FRAME_HEADER.unpack(await request.content.readexactly(FRAME_HEADER.size))
-        params = decode_params(await request.content.readexactly(length))
+        params = decode_params(await _head(request))
         image = await request.content.readexactly(params.image_bytes) if params.image_bytes else None
         mask = await request.content.readexactly(params.mask_bytes) if params.mask_bytes else None
     except (msgspec.DecodeError, asyncio.IncompleteReadError) as e:
@@ -85,8 +90,7 @@ async def train(request: web.Request) -> web.StreamResponse:
     if not _authorized(request):
         return web.Response(status=401, text="bad worker token")
     try:
-        (length,) = FRAME_HEADER.unpack(await request.content.readexactly(FRAME_HEADER.size))
-        params = decode_training(await request.content.readexactly(length))
+        params = decode_training(await _head(request))
         files = [await request.content.readexactly(n) for n in params.image_bytes]
         checkpoint = await request.content.readexactly(params.checkpoint_bytes) if params.checkpoint_bytes else None
     except (msgspec.DecodeError, asyncio.IncompleteReadError) as e:

@@ -165,6 +165,17 @@ def test_train_two_custom_models_and_predict_with_them(trainer):
     assert projects["custom-models"] == 2
     models = client.get("/infer_api/v1/projects/custom-models/models").json()["data"]
     assert {m["name"]: m["trigger_words"] for m in models} == {red: [trigger_red], blue: [trigger_blue]}
+    r = client.post(
+        "/infer_api/v1/generations",
+        json={"project": "custom-models", "model": red, "prompt": prompt, "seed": 5, "size": "512x512", "steps": 2},
+    )
+    assert r.status_code == 202, r.text
+    result_url = r.json()["result_url"]
+    deadline = time.monotonic() + 60
+    while (result := client.get(result_url)).status_code == 202 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert result.json()["status"] == "completed", result.text
+    assert httpx.get(result.json()["images"][0]["url"]).content == red_only  # its newest adapter at scale 1
 
     # a deleted model can no longer be used; its predictions stay readable
     assert client.delete(f"{API}/models/{blue}").json() == {"id": blue, "deleted": True}

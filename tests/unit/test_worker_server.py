@@ -1,4 +1,4 @@
-"""The worker's HTTP handler when the gateway hangs up: a cancellation, logged at debug, never an error."""
+"""The worker's HTTP handlers: a gateway that hangs up cancels quietly; adapter files; trainings streamed."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import logging
 from unittest import mock
 
+import msgspec
 import pytest
 from aiohttp import StreamReader
 from aiohttp.http_writer import StreamWriter
@@ -130,6 +131,56 @@ async def test_adapters_are_sent_once_by_digest_and_checked(tmp_path):
         with pytest.raises(BackendFailed):
             await stranger.send_adapters([LoraRef(other, 1.0)])
         await stranger.close()
+    finally:
+        await backend.close()
+        await server.close()
+
+
+async def test_a_training_streams_to_the_gateway_which_counts_it_busy_and_a_hang_up_cancels_it(tmp_path):
+    import io
+
+    from aiohttp.test_utils import TestServer
+
+    from app.backends.worker import WorkerBackend
+    from app.worker.engine import Training
+    from app.worker.protocol import Started, TrainingParams, TrainingPlan, TrainingStep
+
+    plan = TrainingPlan(rank=4, alpha=4, steps=3, learning_rate=1e-3, resolution=64, batch_size=1, checkpoint_every=1)
+    params = TrainingParams(
+        model="m", plan=plan, seed=1, trigger_word="ABC12DE", captions=["ABC12DE"] * 2, image_bytes=[3, 4]
+    )
+    received: list[tuple[list[bytes], bytes | None]] = []
+    trainings: list[Training] = []
+
+    class Trainer:
+        def train(self, p: TrainingParams, files: list[bytes], checkpoint: bytes | None) -> Training:
+            received.append((files, checkpoint))
+            training = Training(p)
+            training.events.put_nowait(Started(queue_seconds=0.0))
+            training.events.put_nowait(TrainingStep(step=1, total=3, loss=0.5))
+            trainings.append(training)
+            return training  # and then nothing more: the gateway hangs up
+
+    server = TestServer(build_app(Trainer()))  # type: ignore[arg-type]
+    await server.start_server()
+    backend = WorkerBackend("w", f"127.0.0.1:{server.port}")
+    try:
+        files = [io.BytesIO(b"one"), io.BytesIO(b"four"), io.BytesIO(b"cp")]  # two images, then the checkpoint
+        stream = backend.train(msgspec.structs.replace(params, checkpoint_bytes=2), files)
+        assert isinstance(await anext(stream), Started)
+        assert backend.training == 1  # the pool sees it training while the stream is open
+        assert await anext(stream) == TrainingStep(step=1, total=3, loss=0.5)
+        await stream.aclose()  # the gateway hangs up (a cancel, or its shutdown)
+        assert backend.training == 0
+        assert received == [([b"one", b"four"], b"cp")]
+        for _ in range(100):
+            if trainings[0].cancelled.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert trainings[0].cancelled.is_set()  # the engine stops it at its next step
+        async with backend._client().post(f"{backend._base}/v1/train", data=b"\x00\x00\x00\x09xx") as resp:
+            assert resp.status == 400  # a malformed body runs nothing
+        assert len(received) == 1
     finally:
         await backend.close()
         await server.close()
