@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import time
 
 import httpx
 import msgspec
@@ -66,3 +67,38 @@ def test_adapters_through_the_sdk(lora_server):
     assert base64.b64decode(events[-1].b64_json) == ink
     with pytest.raises(Exception, match="does not exist"):
         image(sdk, loras=[{"id": "missing"}])
+
+
+def batch_sizes(url: str) -> dict[str, float]:
+    """imagegate_batch_size's count and sum for the demo model, from /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    out = {"count": 0.0, "sum": 0.0}
+    for line in text.splitlines():
+        for what in ("count", "sum"):
+            if line.startswith(f"imagegate_batch_size_{what}{{") and f'model="{MODEL}"' in line:
+                out[what] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_requests_with_other_adapter_sets_never_share_a_batch(lora_server):
+    """While one request runs, four queue: two with `ink`, two without. They run as two batches of two (each set
+    with its own), never one of four, and the batch-size histogram says so."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def generate(loras: list | None, steps: int = 4, size: str = "64x64") -> int:
+        body = {"model": MODEL, "prompt": "a fox", "size": size, "num_inference_steps": steps, "seed": 1}
+        r = httpx.post(f"{lora_server.url}/v1/images/generations", json={**body, "loras": loras}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.status_code
+
+    before = batch_sizes(lora_server.url)
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(generate, [{"id": "neon"}], 60, "256x256")  # busy for seconds while the rest queue
+        time.sleep(0.5)
+        rest = [pool.submit(generate, loras) for loras in ([{"id": "ink"}], None, [{"id": "ink"}], None)]
+        assert first.result() == 200 and [f.result() for f in rest] == [200] * 4
+    after = batch_sizes(lora_server.url)
+    # each request observes the size of the batch it ran in: neon 1, then 2 for each of the four (one batch of four
+    # would make it 4 each)
+    assert after["count"] - before["count"] == 5
+    assert after["sum"] - before["sum"] == 1 + 2 * 4
