@@ -19,7 +19,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import ExitStack
+from contextlib import AsyncExitStack, aclosing
 from pathlib import Path
 from typing import Any
 
@@ -554,8 +554,13 @@ class CustomModelService:
     # -- running a training (the job layer's executor) -------------------------------------------------------------
 
     def _training_room(self, running: int) -> list[str]:
-        base = self.base_model.name
-        return [base] if len(self.images.pool.trainers(base, self.settings.training.devices)) > running else []
+        """Base models with more training workers than trainings running here.
+
+        Every served model counts: a custom model keeps the base model it was made on if ``training.base_model``
+        changed since.
+        """
+        devices = self.settings.training.devices
+        return [m for m in self.images.served() if len(self.images.pool.trainers(m, devices)) > running]
 
     def _training_ended(self, job: JobRecord) -> None:
         self._remove_job_files(job.id)
@@ -582,11 +587,12 @@ class CustomModelService:
         )
         adapter: bytes | None = None
         last_write, first_step = 0.0, None
-        with ExitStack() as files:
+        async with AsyncExitStack() as stack:
             sent = [*paths, *([resume] if resume else [])]
-            handles = [files.enter_context(open(p, "rb")) for p in sent]  # noqa: ASYNC230
+            handles = [stack.enter_context(open(p, "rb")) for p in sent]  # noqa: ASYNC230, SIM115
+            events = await stack.enter_async_context(aclosing(backend.train(params, handles)))  # type: ignore[attr-defined]
             try:
-                async for event in backend.train(params, handles):  # type: ignore[attr-defined]
+                async for event in events:
                     if isinstance(event, TrainingStep):
                         now = time.monotonic()
                         if first_step is None:
