@@ -23,12 +23,14 @@ from litestar.static_files import create_static_files_router
 from app.api.admin import AdaptersController, AdminController
 from app.api.custom import CustomModelsController
 from app.api.errors import EXCEPTION_HANDLERS
+from app.api.hf import HuggingFaceController
 from app.api.images import ImagesController, UploadsController
 from app.api.infer import InferController
 from app.api.instrument import HEADER as OVERHEAD_HEADER
 from app.api.instrument import instrument_middleware
 from app.api.jobs import JobsController, WebhookSecretsController
 from app.api.playground import STATIC_DIR, PlaygroundController
+from app.api.sdapi import SdApiController
 from app.api.system import SystemController
 from app.auth.guard import Guard
 from app.auth.middleware import AuthMiddleware
@@ -46,6 +48,7 @@ from app.services.images import ImageService
 from app.services.infer import InferService, make_enhancer
 from app.services.jobs import JobService
 from app.services.keys import KeyService
+from app.services.sdapi import SdApiService
 from app.services.webhooks import WebhookSender
 from app.store.adapters import AdapterStore
 from app.store.custom import CustomModelStore
@@ -120,6 +123,7 @@ def create_app(
             jobs=jobs,
             infer=InferService(settings, images, jobs, enhancer, custom),
             custom=custom,
+            sdapi=SdApiService(images, jobs),
             job_files=job_files,
             adapters=adapters,
             webhooks=webhooks,
@@ -181,6 +185,8 @@ def create_app(
             WebhookSecretsController,
             InferController,
             CustomModelsController,
+            HuggingFaceController,
+            SdApiController,
             AdminController,
             AdaptersController,
             SystemController,
@@ -200,6 +206,7 @@ def create_app(
             "adapters": from_state("adapters"),
             "infer": from_state("infer"),
             "custom": from_state("custom"),
+            "sdapi": from_state("sdapi"),
             "webhooks": from_state("webhooks"),
             "keys": from_state("keys"),
             "started_at": Provide(lambda: started_at, sync_to_thread=False),

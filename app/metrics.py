@@ -21,6 +21,11 @@ HTTP_IN_PROGRESS = Gauge(
 )
 HTTP_ERRORS = Counter("imagegate_http_requests_error_total", "Total errors in requests", _HTTP)
 """HTTP metrics per method, route template (``path``) and status; OPTIONS requests and /metrics are not counted."""
+DIALECT_REQUESTS = Counter(
+    "imagegate_dialect_requests_total",
+    "Requests of each client API dialect (openai, huggingface, automatic1111, infer_api, custom_models), by status.",
+    ["dialect", "status_code"],
+)
 
 IMAGES = Counter(
     "imagegate_images_total",

@@ -1,9 +1,13 @@
-"""Exception handlers: every error leaves the gateway in OpenAI's shape, with the right status."""
+"""Exception handlers: every error leaves the gateway in OpenAI's shape, with the right status.
+
+A dialect's routes (their path prefix in :data:`ENVELOPES`) wrap the same error in the envelope their clients read.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 import msgspec
 from litestar import MediaType, Request, Response
@@ -11,6 +15,7 @@ from litestar.exceptions import HTTPException, NotFoundException, ValidationExce
 from litestar.exceptions.http_exceptions import MethodNotAllowedException
 
 from app.errors import ApiError, ErrorResponse, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
+from app.protocol import a1111, hf
 
 log = logging.getLogger("imagegate.api")
 
@@ -18,9 +23,16 @@ _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 _AT_PATH = re.compile(r" - at `\$\.([A-Za-z0-9_.\[\]]+)`$")
 
 
-def error_response(error: ApiError) -> Response[bytes]:
+ENVELOPES: dict[str, Callable[[ApiError], msgspec.Struct]] = {"/hf/": hf.error_body, "/sdapi/": a1111.error_body}
+"""Path prefix -> the error body of the dialect served there."""
+
+
+def error_response(error: ApiError, path: str = "") -> Response[bytes]:
+    """The error's response: OpenAI's shape, or the envelope of the dialect whose route ``path`` is."""
+    envelope = next((make for prefix, make in ENVELOPES.items() if path.startswith(prefix)), None)
+    body = envelope(error) if envelope is not None else ErrorResponse(error=error.body())
     return Response(
-        content=msgspec.json.encode(ErrorResponse(error=error.body())),
+        content=msgspec.json.encode(body),
         status_code=error.status,
         media_type=MediaType.JSON,
         headers=error.headers(),
@@ -65,12 +77,13 @@ def _from_http(exc: HTTPException) -> ApiError:
 
 
 def handle(request: Request, exc: Exception) -> Response[bytes]:
+    path = request.scope["path"]
     if isinstance(exc, ApiError):
-        return error_response(exc)
+        return error_response(exc, path)
     if isinstance(exc, HTTPException):
-        return error_response(_from_http(exc))
+        return error_response(_from_http(exc), path)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(ApiError("The server had an error while processing your request."))
+    return error_response(ApiError("The server had an error while processing your request."), path)
 
 
 EXCEPTION_HANDLERS = {Exception: handle}

@@ -18,17 +18,26 @@ HEADER = b"x-imagegate-overhead-ms"
 APP_NAME = "imagegate"
 UNCOUNTED_PATHS = frozenset({"/metrics"})
 """Scrapes are not requests worth counting (nor are CORS preflights)."""
+DIALECTS = {
+    "/v1/": "openai",
+    "/hf/": "huggingface",
+    "/sdapi/": "automatic1111",
+    "/infer_api/": "infer_api",
+    "/custom-models/": "custom_models",
+}
+"""Route prefix -> the client API dialect its requests count under (``imagegate_dialect_requests_total``)."""
 
 
 class _Series:
     """The metric children of one (method, route) and its statuses, made once."""
 
-    __slots__ = ("by_status", "in_progress", "labels")
+    __slots__ = ("by_status", "dialect", "in_progress", "labels")
 
     def __init__(self, method: str, path: str) -> None:
         self.labels = (method, path)
         self.in_progress = metrics.HTTP_IN_PROGRESS.labels(method, path, "200", APP_NAME)
-        self.by_status: dict[int, tuple[Counter, Histogram, Counter | None]] = {}
+        self.dialect = next((d for prefix, d in DIALECTS.items() if path.startswith(prefix)), None)
+        self.by_status: dict[int, tuple[Counter, Histogram, Counter | None, Counter | None]] = {}
 
     def ended(self, status: int, seconds: float) -> None:
         """Count a request that ended with ``status`` after ``seconds``."""
@@ -36,16 +45,20 @@ class _Series:
         if children is None:
             values = (*self.labels, str(status), APP_NAME)
             errors = metrics.HTTP_ERRORS.labels(*values) if status >= 500 else None
+            dialect = metrics.DIALECT_REQUESTS.labels(self.dialect, str(status)) if self.dialect else None
             children = self.by_status[status] = (
                 metrics.HTTP_REQUESTS.labels(*values),
                 metrics.HTTP_DURATION.labels(*values),
                 errors,
+                dialect,
             )
-        requests, duration, errors = children
+        requests, duration, errors, dialect = children
         requests.inc()
         duration.observe(seconds)
         if errors is not None:
             errors.inc()
+        if dialect is not None:
+            dialect.inc()
 
 
 _series: dict[tuple[str, str], _Series] = {}

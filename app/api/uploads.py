@@ -25,7 +25,7 @@ from app.api.errors import invalid_value
 from app.config import Settings
 from app.errors import Cancelled, InvalidRequest, PayloadTooLarge
 from app.protocol.images import ImageEditJsonRequest, ImageEditRequest, ImageVariationRequest
-from app.services.inputs import InputImage, checked, from_ref, new_spool
+from app.services.inputs import InputImage, checked, from_refs, new_spool
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -227,17 +227,7 @@ async def _json(request: Request, settings: Settings) -> Upload:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {e}") from None
     if len(req.images) > settings.max_images:
         raise InvalidRequest(f"At most {settings.max_images} images may be sent.", param="images")
-    images: list[InputImage] = []
-    mask = None
-    try:
-        for k, ref in enumerate(req.images):
-            images.append(await from_ref(ref.image_url, ref.file_id, settings, f"images[{k}]"))
-        if req.mask is not None:
-            mask = await from_ref(req.mask.image_url, req.mask.file_id, settings, "mask")
-    except BaseException:
-        for i in images:
-            i.close()
-        raise
+    images, mask = await from_refs(req.images, req.mask, settings)
     return Upload(req, images, mask)
 
 

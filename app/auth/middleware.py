@@ -1,4 +1,4 @@
-"""Authentication for ``/v1``, ``/infer_api``, ``/custom-models``, ``/admin`` (and ``/metrics`` if configured).
+"""Authentication for ``/v1``, ``/admin``, the other APIs and dialects (and ``/metrics`` if configured).
 
 ``/health``, ``/ready``, ``/openapi.yaml``, signed image files and CORS preflights need no credential. Refusals
 are OpenAI-shaped errors (401 with ``WWW-Authenticate``, 403 for a non-admin on ``/admin`` and on
@@ -23,7 +23,7 @@ def _protected(path: str, metrics_admin: bool) -> tuple[bool, bool]:
         return metrics_admin, metrics_admin
     if path.startswith("/infer_api/") or path == "/infer_api":
         return True, path == "/infer_api/v1/secure-route"
-    if path.startswith("/custom-models/") or path == "/custom-models":
+    if path.startswith(("/custom-models/", "/hf/", "/sdapi/")):
         return True, False
     return path.startswith("/v1/") or path == "/v1", False
 
@@ -50,7 +50,8 @@ class AuthMiddleware:
                     metrics.LIMIT_REJECTIONS.labels("admin").inc()
                     raise PermissionDenied("This route needs an admin credential.", code="admin_required")
             except ApiError as error:
-                await error_response(error).to_asgi_response(app=None, request=None)(scope, receive, send)  # type: ignore[arg-type]
+                response = error_response(error, scope["path"])
+                await response.to_asgi_response(app=None, request=None)(scope, receive, send)  # type: ignore[arg-type]
                 return
             scope["user"] = principal
         await self.app(scope, receive, send)

@@ -536,6 +536,13 @@ class ImageService:
         scheduler = p.scheduler if p.scheduler in (self._schedulers(model) or []) else (model.default_scheduler or None)
         return msgspec.structs.replace(p, model=name, scheduler=scheduler)
 
+    async def wait_ready(self, model: str | None, seconds: float) -> None:
+        """Wait up to ``seconds`` (at most ``request_timeout``) until a backend of the model is ready."""
+        name = self._model(model).name
+        deadline = time.monotonic() + min(seconds, self.settings.request_timeout)
+        while not self.pool.ready(name) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
     async def generate(
         self, req: ImageGenerateRequest, base_url: str, principal: Principal = ANONYMOUS
     ) -> ImagesResponse:

@@ -14,6 +14,7 @@ import base64
 import binascii
 import contextlib
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import urlsplit
@@ -23,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from app.config import Settings
 from app.errors import InvalidRequest
+from app.protocol.images import ImageRef
 
 SPOOL_BYTES = 1 << 20
 """Inputs larger than this live on disk, not in the gateway's memory."""
@@ -218,6 +220,21 @@ async def from_ref(url: str | None, file_id: str | None, settings: Settings, par
     else:
         raise InvalidRequest(f"The {param} URL must be a data: or http(s): URL.", param=param)
     return await checked(file, settings, param)
+
+
+async def from_refs(
+    refs: Sequence[ImageRef], mask: ImageRef | None, settings: Settings
+) -> tuple[list[InputImage], InputImage | None]:
+    """The images and mask of a JSON edit, checked (all closed again if one is refused)."""
+    images: list[InputImage] = []
+    try:
+        for k, ref in enumerate(refs):
+            images.append(await from_ref(ref.image_url, ref.file_id, settings, f"images[{k}]"))
+        return images, (await from_ref(mask.image_url, mask.file_id, settings, "mask") if mask is not None else None)
+    except BaseException:
+        for i in images:
+            i.close()
+        raise
 
 
 async def checked(file: BinaryIO, settings: Settings, param: str) -> InputImage:

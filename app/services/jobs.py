@@ -694,6 +694,17 @@ class JobService:
                     outputs[event.index] = (name, event.seed)
         await self._succeed(record, job, [outputs[i][0] for i in sorted(outputs)], prompt_tokens)
 
+    def image_files(self, job: JobRecord) -> list[bytes]:
+        """The images of a job that succeeded, in order (blocking)."""
+        names = msgspec.json.decode(job.result)["files"] if job.result else []
+        return [(self.files.directory / name).read_bytes() for name in names]
+
+    def latest_partial(self, job: JobRecord) -> bytes | None:
+        """The newest partial image a running job sent (blocking); None before its first."""
+        event = self.store.last_event(job.id, "partial_image")
+        path = self.files.directory / event.data["file"] if event is not None else None
+        return path.read_bytes() if path is not None and path.is_file() else None
+
     def _write(self, name: str, data: bytes) -> None:
         tmp = self.files.directory / f".{name}.tmp"
         tmp.write_bytes(image_bytes(data))
