@@ -29,6 +29,7 @@ from app.api.infer import InferController
 from app.api.instrument import HEADER as OVERHEAD_HEADER
 from app.api.instrument import instrument_middleware
 from app.api.jobs import JobsController, WebhookSecretsController
+from app.api.modelslab import ModelsLabController
 from app.api.playground import STATIC_DIR, PlaygroundController
 from app.api.sdapi import SdApiController
 from app.api.system import SystemController
@@ -48,6 +49,7 @@ from app.services.images import ImageService
 from app.services.infer import InferService, make_enhancer
 from app.services.jobs import JobService
 from app.services.keys import KeyService
+from app.services.modelslab import ModelsLabService
 from app.services.sdapi import SdApiService
 from app.services.webhooks import WebhookSender
 from app.store.adapters import AdapterStore
@@ -111,6 +113,7 @@ def create_app(
         webhooks = WebhookSender(settings, job_store, clock=clock)
         jobs.on_change.append(webhooks.wake)
         enhancer = make_enhancer(settings)
+        auth = Authenticator(settings, store, clock=clock)
         custom = CustomModelService(settings, CustomModelStore(db), jobs, images, adapter_store, clock=clock)
         jobs.start()
         webhooks.start()
@@ -124,11 +127,12 @@ def create_app(
             infer=InferService(settings, images, jobs, enhancer, custom),
             custom=custom,
             sdapi=SdApiService(images, jobs),
+            modelslab=ModelsLabService(images, jobs, auth, enhancer, job_files),
             job_files=job_files,
             adapters=adapters,
             webhooks=webhooks,
             supervisor=supervisor,
-            auth=Authenticator(settings, store, clock=clock),
+            auth=auth,
             keys=KeyService(store, clock=clock),
         )
         try:
@@ -187,6 +191,7 @@ def create_app(
             CustomModelsController,
             HuggingFaceController,
             SdApiController,
+            ModelsLabController,
             AdminController,
             AdaptersController,
             SystemController,
@@ -207,6 +212,7 @@ def create_app(
             "infer": from_state("infer"),
             "custom": from_state("custom"),
             "sdapi": from_state("sdapi"),
+            "modelslab": from_state("modelslab"),
             "webhooks": from_state("webhooks"),
             "keys": from_state("keys"),
             "started_at": Provide(lambda: started_at, sync_to_thread=False),

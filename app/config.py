@@ -401,6 +401,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     webhook_timeout: Annotated[float, _doc("Seconds a webhook receiver has to answer one delivery.")] = 15.0
     webhook_progress_interval: Annotated[float, _doc("Fewest seconds between two progress webhooks of one job.")] = 2.0
     max_loras: Annotated[int, _doc("Most LoRA adapters one request may apply.")] = 4
+    modelslab_wait: Annotated[
+        float,
+        _doc("Seconds a ModelsLab-dialect generation is waited for before the answer is processing, with a fetch URL."),
+    ] = 20.0
     training: Annotated[TrainingConfig, _doc("LoRA training of custom models (see the training table).")] = (
         msgspec.field(default_factory=TrainingConfig)
     )

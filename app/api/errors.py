@@ -15,7 +15,7 @@ from litestar.exceptions import HTTPException, NotFoundException, ValidationExce
 from litestar.exceptions.http_exceptions import MethodNotAllowedException
 
 from app.errors import ApiError, ErrorResponse, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
-from app.protocol import a1111, hf
+from app.protocol import a1111, hf, modelslab
 
 log = logging.getLogger("imagegate.api")
 
@@ -23,7 +23,11 @@ _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 _AT_PATH = re.compile(r" - at `\$\.([A-Za-z0-9_.\[\]]+)`$")
 
 
-ENVELOPES: dict[str, Callable[[ApiError], msgspec.Struct]] = {"/hf/": hf.error_body, "/sdapi/": a1111.error_body}
+ENVELOPES: dict[str, Callable[[ApiError], msgspec.Struct]] = {
+    "/hf/": hf.error_body,
+    "/sdapi/": a1111.error_body,
+    "/api/": modelslab.error_body,
+}
 """Path prefix -> the error body of the dialect served there."""
 
 

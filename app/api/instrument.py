@@ -24,6 +24,7 @@ DIALECTS = {
     "/sdapi/": "automatic1111",
     "/infer_api/": "infer_api",
     "/custom-models/": "custom_models",
+    "/api/": "modelslab",
 }
 """Route prefix -> the client API dialect its requests count under (``imagegate_dialect_requests_total``)."""
 

@@ -348,6 +348,16 @@ class Pool:
         metrics.QUEUE_DEPTH.labels(model).set(self._queued[model])
         return Lease(pool=self, member=member, model=model, work=work)
 
+    def queue_depth(self, model: str) -> int:
+        """Requests for ``model`` admitted and not started yet."""
+        return self._queued.get(model, 0)
+
+    def estimate(self, model: str) -> float:
+        """Seconds until one more request for ``model`` would be done, from recent durations and the queue."""
+        capacity = sum(m.capacity for m in self.ready(model)) or 1
+        waiting = max(0, self._outstanding[model] - capacity)
+        return self._avg_seconds[model] * (waiting / capacity + 1)
+
     def _dequeue(self, lease: Lease) -> None:
         self._queued[lease.model] -= 1
         metrics.QUEUE_DEPTH.labels(lease.model).set(self._queued[lease.model])

@@ -160,6 +160,8 @@ class JobService:
         self.worker_id = f"gw_{secrets.token_hex(6)}"
         self._runs: dict[str, _Run] = {}
         self.executors: dict[str, Executor] = {}
+        self.payloads: dict[str, Callable[[JobRecord], bytes]] = {}
+        """Surface -> the webhook body of its jobs, where its clients expect their own (signed all the same)."""
         self._progress_hooks: dict[str, float] = {}
         """Job -> when its last progress webhook was written (they are throttled)."""
         self._wake = asyncio.Event()
@@ -502,6 +504,8 @@ class JobService:
             changed = self._changed
             for event in await asyncio.to_thread(self.store.events, job_id, last):
                 last = event.id
+                if event.type.startswith("_"):  # a dialect's own record of the job, not an event of it
+                    continue
                 if event.type in FINISHED:
                     job = await asyncio.to_thread(self.store.get, job_id)
                     if job is not None:
@@ -543,12 +547,16 @@ class JobService:
             if not job.webhook_url or wanted not in (job.webhook_events or ()):
                 return []
             now = self.clock()
-            payload = {
-                "type": f"image.job.{what}",
-                "timestamp": datetime.fromtimestamp(now, UTC).isoformat(),
-                "data": self.view(job),
-            }
-            body = msgspec.json.encode(payload)
+            if job.surface in self.payloads:  # a dialect whose clients expect their own payload
+                body = self.payloads[job.surface](job)
+            else:
+                body = msgspec.json.encode(
+                    {
+                        "type": f"image.job.{what}",
+                        "timestamp": datetime.fromtimestamp(now, UTC).isoformat(),
+                        "data": self.view(job),
+                    }
+                )
             return [new_delivery(job.id, job.owner, job.webhook_url, f"image.job.{what}", body, now)]
 
         return deliveries
