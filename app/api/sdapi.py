@@ -45,11 +45,13 @@ class SdApiController(Controller):
         return sdapi.options(request.user)
 
     @post("/options", status_code=200, operation_id="sdSetOptions")
-    async def set_options(self, request: Request, data: dict[str, Any], sdapi: SdApiService) -> None:
-        sdapi.set_options(request.user, data)
+    async def set_options(self, request: Request, sdapi: SdApiService, data: dict[str, Any] | None = None) -> None:
+        sdapi.set_options(request.user, data or {})
 
     @get("/progress", operation_id="sdProgress")
-    async def progress(self, request: Request, sdapi: SdApiService, skip_current_image: bool = False) -> a1111.Progress:
+    async def progress(
+        self, request: Request, sdapi: SdApiService, skip_current_image: bool = False
+    ) -> a1111.ProgressResponse:
         return await sdapi.progress(request.user, skip_current_image)
 
     @post("/interrupt", status_code=200, operation_id="sdInterrupt")

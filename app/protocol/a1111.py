@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from app.errors import ApiError, InvalidRequest
-from app.protocol.images import MAX_SEED, ImageEditJsonRequest, ImageGenerateRequest, ImageRef, LoraSpec
+from app.protocol.images import MAX_SEED, ImageEditJsonRequest, ImageGenerateRequest, checked_request
 
 SAMPLERS: dict[str, tuple[str, list[str]]] = {
     "Euler": ("euler", ["k_euler"]),
@@ -136,7 +136,7 @@ class ProgressState(msgspec.Struct, kw_only=True):
     sampling_steps: int = 0
 
 
-class Progress(msgspec.Struct, kw_only=True):
+class ProgressResponse(msgspec.Struct, kw_only=True):
     progress: float
     eta_relative: float
     state: ProgressState
@@ -165,18 +165,25 @@ def error_body(error: ApiError) -> A1111Error:
 
 
 def decode(body: bytes, type: type) -> tuple[Any, dict[str, Any]]:
-    """The request (numbers also as strings) and the body as sent (echoed as ``parameters``)."""
+    """The request (numbers also as strings), and its fields as sent to echo as ``parameters``.
+
+    Only the fields imagegate reads are echoed: clients forward keys of their own (SillyTavern its ``auth``), and
+    A1111 echoes its request model, not the body.
+    """
     try:
         raw = msgspec.json.decode(body or b"{}")
         if not isinstance(raw, dict):
             raise InvalidRequest("The body must be a JSON object.")
-        return msgspec.convert(raw, type, strict=False), raw
+        known = set(type.__struct_fields__)
+        return msgspec.convert(raw, type, strict=False), {k: v for k, v in raw.items() if k in known}
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise InvalidRequest(f"Invalid request: {e}") from None
 
 
-def model_title(title: str) -> str:
+def model_title(title: Any) -> str:
     """A ``/sd-models`` title (``name``, or A1111's ``name.safetensors [hash]``) as a model name."""
+    if not isinstance(title, str):
+        raise InvalidRequest("sd_model_checkpoint must be a model title (a string).", param="sd_model_checkpoint")
     return title.split(" [", 1)[0].removesuffix(".safetensors").removesuffix(".ckpt").strip()
 
 
@@ -200,9 +207,14 @@ def scheduler(req: Txt2Img) -> str | None:
     return found
 
 
-def _prompt(text: str) -> tuple[str, list[LoraSpec] | None]:
+def _prompt(text: str) -> tuple[str, list[dict[str, Any]] | None]:
     """The prompt without its ``<lora:name:weight>`` tags, and those adapters."""
-    loras = [LoraSpec(id=m.group(1), scale=float(m.group(2) or 1.0)) for m in _LORA.finditer(text)]
+    loras = []
+    for m in _LORA.finditer(text):
+        try:
+            loras.append({"id": m.group(1), "scale": float(m.group(2) or 1.0)})
+        except ValueError:
+            raise InvalidRequest(f"The LoRA tag {m.group(0)} has no valid weight.", param="prompt") from None
     return _LORA.sub("", text).strip(), loras or None
 
 
@@ -221,7 +233,8 @@ def seed(req: Txt2Img) -> int:
 def generation(model: str, req: Txt2Img, first_seed: int) -> ImageGenerateRequest:
     _check(req)
     prompt, loras = _prompt(req.prompt)
-    return ImageGenerateRequest(
+    return checked_request(
+        ImageGenerateRequest,
         model=model,
         prompt=prompt,
         negative_prompt=req.negative_prompt or None,
@@ -243,11 +256,12 @@ def edit(model: str, req: Img2Img, first_seed: int) -> ImageEditJsonRequest:
     if not req.init_images:
         raise InvalidRequest("init_images needs one image.", param="init_images")
     prompt, loras = _prompt(req.prompt)
-    return ImageEditJsonRequest(
+    return checked_request(
+        ImageEditJsonRequest,
         model=model,
         prompt=prompt,
-        images=[ImageRef(image_url=_data_url(req.init_images[0]))],
-        mask=ImageRef(image_url=_data_url(req.mask)) if req.mask else None,
+        images=[{"image_url": _data_url(req.init_images[0])}],
+        mask={"image_url": _data_url(req.mask)} if req.mask else None,
         negative_prompt=req.negative_prompt or None,
         n=max(1, req.batch_size) * max(1, req.n_iter),
         size=f"{req.width}x{req.height}",

@@ -23,7 +23,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from app.errors import ApiError, InvalidRequest, Unavailable
-from app.protocol.images import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, ImageGenerateRequest, OutputFormat
+from app.protocol.images import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, ImageGenerateRequest, OutputFormat, checked_request
 
 MEDIA_TYPES: dict[str, OutputFormat] = {
     "image/png": "png",
@@ -146,7 +146,8 @@ def _size(p: TaskParameters | HandlerRequest) -> str | None:
 
 def task_request(model: str, req: TaskRequest, fmt: OutputFormat) -> ImageGenerateRequest:
     p = req.parameters
-    return ImageGenerateRequest(
+    return checked_request(
+        ImageGenerateRequest,
         model=model,
         prompt=req.inputs,
         negative_prompt=p.negative_prompt,
@@ -163,7 +164,8 @@ def task_request(model: str, req: TaskRequest, fmt: OutputFormat) -> ImageGenera
 def handler_request(model: str, req: HandlerRequest, fmt: OutputFormat) -> ImageGenerateRequest:
     if req.parameters is not None:  # what InferenceClient sends to an endpoint: the task's nesting
         return task_request(model, TaskRequest(inputs=req.inputs, parameters=req.parameters), fmt)
-    return ImageGenerateRequest(
+    return checked_request(
+        ImageGenerateRequest,
         model=model,
         prompt=req.inputs,
         negative_prompt=req.negative_prompt,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from app.errors import InvalidRequest
 from app.worker.protocol import Base64
+
+T = TypeVar("T")
 
 Quality = Literal["auto", "low", "medium", "high", "standard", "hd"]
 ResponseFormat = Literal["url", "b64_json"]
@@ -216,3 +219,15 @@ def _as_is(value: object) -> msgspec.Raw:
 
 encode_json = msgspec.json.Encoder(enc_hook=_as_is).encode
 """The encoder of every JSON body and event the API sends: ``bytes`` become base64, :class:`Base64` stays as is."""
+
+
+def checked_request(cls: type[T], **fields: object) -> T:
+    """A request a dialect translated, built from ``fields`` and checked against its limits as a body would be.
+
+    Raises:
+        InvalidRequest: a value is out of range (steps, guidance, strength, seed, ...).
+    """
+    try:
+        return msgspec.convert(fields, cls)
+    except msgspec.ValidationError as e:
+        raise InvalidRequest(f"Invalid value: {e}") from None

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from app.errors import ApiError, InvalidRequest, Overloaded, RateLimited
-from app.protocol.images import MAX_LORA_SCALE, ImageGenerateRequest, LoraSpec
+from app.protocol.images import MAX_LORA_SCALE, ImageGenerateRequest, LoraSpec, checked_request
 
 SCHEDULERS: dict[str, str | None] = {
     "DDPMScheduler": "ddpm",
@@ -214,7 +214,8 @@ def generation(req: Request, model: str, prompt: str, seed: int | None) -> Image
     if guidance is not None and not 1 <= guidance <= 20:
         raise InvalidRequest("guidance_scale must be within 1-20.", param="guidance_scale")
     name, _ = scheduler(req)
-    return ImageGenerateRequest(
+    return checked_request(
+        ImageGenerateRequest,
         model=model,
         prompt=prompt,
         negative_prompt=req.negative_prompt or None,

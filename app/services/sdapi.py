@@ -38,7 +38,7 @@ class SdApiService:
     def _allowed(self, principal: Principal) -> list[str]:
         return [m for m in self.images.served() if principal.allows(m)]
 
-    def model(self, principal: Principal, title: str | None = None) -> str:
+    def model(self, principal: Principal, title: Any = None) -> str:
         """The model a title names (else the caller's current one, else the first it may use)."""
         allowed = self._allowed(principal)
         if title:
@@ -66,7 +66,7 @@ class SdApiService:
         """Take the caller's new current model; other options are accepted and left as they are."""
         title = options.get("sd_model_checkpoint")
         if title:
-            self._current[principal.id] = self.model(principal, str(title))
+            self._current[principal.id] = self.model(principal, title)
 
     def samplers(self, principal: Principal) -> list[a1111.Sampler]:
         """The samplers the caller's current model takes."""
@@ -147,16 +147,18 @@ class SdApiService:
         page = await self.jobs.list(principal, statuses=list(ACTIVE), surface=SURFACE, limit=100)
         return [await self.jobs.record(j.id, principal) for j in page.data]
 
-    async def progress(self, principal: Principal, skip_current_image: bool = False) -> a1111.Progress:
+    async def progress(self, principal: Principal, skip_current_image: bool = False) -> a1111.ProgressResponse:
         active = await self._active(principal)
         if not active:
-            return a1111.Progress(progress=0.0, eta_relative=0.0, state=a1111.ProgressState(), current_image=None)
+            return a1111.ProgressResponse(
+                progress=0.0, eta_relative=0.0, state=a1111.ProgressState(), current_image=None
+            )
         job = active[-1]  # the oldest still going: the one running first
         step, total = job.step or 0, job.total_steps or 0
         done = step / total if total else 0.0
         elapsed = time.time() - (job.started_at or job.created_at)
         image = None if skip_current_image else await asyncio.to_thread(self.jobs.latest_partial, job)
-        return a1111.Progress(
+        return a1111.ProgressResponse(
             progress=round(done, 4),
             eta_relative=round(elapsed / done - elapsed, 2) if done else 0.0,
             state=a1111.ProgressState(

@@ -7,7 +7,9 @@ the structs they are decoded into (plus their file parts), and each operation's 
 middleware enforces on its path. Live checks: what the app actually answers (JSON, SSE frames, errors, headers),
 anonymous and with credentials (admin key, virtual keys in every header, Basic users, per-key limits, the admin
 API, asynchronous jobs and their events, the custom-models inference API, the custom-models API), validates against
-the contract. No torch: the backend is :class:`FakeBackend`.
+the contract, and so do the Hugging Face dialect's image bytes and ``{"error"}`` envelope and the AUTOMATIC1111
+dialect's answers (its ``info`` JSON string included) and ``{"error", "detail", "body", "errors"}`` envelope. No
+torch: the backend is :class:`FakeBackend`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import io
 import json
 import re
+import threading
 import time
 import typing
 from collections.abc import Iterator
@@ -33,6 +36,7 @@ from PIL import Image
 
 from app import contract
 from app.api import uploads
+from app.api.errors import ENVELOPES
 from app.api.system import Readiness, ReadyBackend
 from app.asgi import create_app
 from app.auth import middleware
@@ -40,8 +44,10 @@ from app.auth.principals import KEY_PREFIX, hash_password
 from app.backends.fake import FakeBackend
 from app.config import DEMO_MODEL, Settings, load_settings
 from app.errors import ErrorBody, ErrorEvent, ErrorResponse
+from app.protocol import a1111 as a1111_protocol
 from app.protocol import admin as admin_protocol
 from app.protocol import custom as custom_protocol
+from app.protocol import hf as hf_protocol
 from app.protocol import images as protocol
 from app.protocol import infer as infer_protocol
 from app.protocol import jobs as jobs_protocol
@@ -67,12 +73,16 @@ ADMIN_STRUCTS = module_structs(admin_protocol)
 JOB_STRUCTS = module_structs(jobs_protocol)
 INFER_STRUCTS = module_structs(infer_protocol)
 CUSTOM_STRUCTS = module_structs(custom_protocol)
+HF_STRUCTS = module_structs(hf_protocol)
+A1111_STRUCTS = module_structs(a1111_protocol)
 WIRE_STRUCTS: list[type[msgspec.Struct]] = [
     *PROTOCOL_STRUCTS,
     *ADMIN_STRUCTS,
     *JOB_STRUCTS,
     *INFER_STRUCTS,
     *CUSTOM_STRUCTS,
+    *HF_STRUCTS,
+    *A1111_STRUCTS,
     ErrorResponse,
     ErrorBody,
     ErrorEvent,
@@ -98,7 +108,16 @@ REQUEST_STRUCTS = {
     custom_protocol.CreatePrediction,
     custom_protocol.ScaleConfig,
     custom_protocol.ImageSize,
+    hf_protocol.TaskRequest,
+    hf_protocol.TaskParameters,
+    hf_protocol.TaskOptions,
+    hf_protocol.TargetSize,
+    hf_protocol.HandlerRequest,
+    a1111_protocol.Txt2Img,
+    a1111_protocol.Img2Img,
 }
+# Wire structs documented under another name than their own (the contract's schemas have one namespace); none now.
+SCHEMA_NAMES: dict[type[msgspec.Struct], str] = {}
 # Routes that read their body themselves (app/api/uploads.py) instead of through a ``data`` argument:
 # operationId -> {media type: (the contract's body schema, the struct app/api/uploads.py decodes it into)}.
 UPLOAD_BODIES: dict[str, dict[str, tuple[str, type[msgspec.Struct]]]] = {
@@ -109,6 +128,15 @@ UPLOAD_BODIES: dict[str, dict[str, tuple[str, type[msgspec.Struct]]]] = {
     "imageVariation": {
         "multipart/form-data": ("ImageVariationMultipartRequest", protocol.ImageVariationRequest),
     },
+}
+# Routes that decode a JSON body themselves (app/api/hf.py: ``hf.decode(await request.body(), ...)``, and
+# app/services/sdapi.py: ``a1111.decode(body, ...)``, leniently) instead of through a ``data`` argument, checked as
+# UPLOAD_BODIES are: operationId -> {media type: (schema, struct)}.
+DECODED_BODIES: dict[str, dict[str, tuple[str, type[msgspec.Struct]]]] = {
+    "hfTextToImage": {"application/json": ("TaskRequest", hf_protocol.TaskRequest)},
+    "hfHandler": {"application/json": ("HandlerRequest", hf_protocol.HandlerRequest)},
+    "sdTxt2Img": {"application/json": ("Txt2Img", a1111_protocol.Txt2Img)},
+    "sdImg2Img": {"application/json": ("Img2Img", a1111_protocol.Img2Img)},
 }
 # Routes whose body is a file's raw bytes, read from the request stream (app/api/admin.py, app/api/custom.py):
 # operationId -> the media types the contract declares for it, each ``type: string, format: binary``.
@@ -124,7 +152,11 @@ MULTIPART_FILES = {"imageEdit": {"image", "image[]", "mask"}, "imageVariation": 
 HEADER_PARAMETERS = {
     **dict.fromkeys(("imageGeneration", "imageEdit", "imageVariation"), ("prefer", "idempotency-key")),
     "inferCreateGeneration": ("idempotency-key",),
+    **dict.fromkeys(("hfTextToImage", "hfHandler"), ("x-wait-for-model", "x-scale-up-timeout")),
 }
+# A handler served at several paths has one ``operation_id``, but OpenAPI wants each operation's ``operationId``
+# unique: the operations of its other paths are named here (app/api/hf.py's seed 003 handler, also at ``/predict``).
+OTHER_OPERATION_IDS = {("/hf/endpoints/{model_id}/predict", "POST"): "hfHandlerPredict"}
 # 2xx statuses a handler answers besides its declared ``status_code``, through a ``Response`` of its own: a job
 # (``Prefer: respond-async``), a cancel still under way, a result not ready yet.
 OTHER_SUCCESSES = {
@@ -181,6 +213,9 @@ SECURITY_SCHEMES = {
 # Headers whose meaning a client must be told: when the app sends one, the contract must declare it.
 DECLARED_HEADERS = ("retry-after", "www-authenticate", "x-should-retry")
 ADMIN_KEY = "sk-test-admin"
+# The refusals of routes whose errors come in a dialect's envelope (app/api/errors.py ENVELOPES), by path prefix:
+# status -> the contract's response (an envelope's own, in place of the OpenAI-shaped one).
+DIALECT_REFUSALS = {"/hf/": {"401": "HFUnauthorized"}, "/sdapi/": {"401": "A1111Unauthorized"}}
 
 
 # -- fixtures -----------------------------------------------------------------------------------------------------
@@ -268,6 +303,15 @@ def flatten(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
     if required:
         merged["required"] = required
     return merged
+
+
+def schema_name(struct: type[msgspec.Struct]) -> str:
+    """The name of a wire struct's schema in the contract: its own, but for those in SCHEMA_NAMES."""
+    return SCHEMA_NAMES.get(struct, struct.__name__)
+
+
+def is_struct(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, msgspec.Struct)
 
 
 def ref_name(node: dict[str, Any]) -> str | None:
@@ -532,8 +576,10 @@ def example_path(path: str) -> str:
 
 def test_operation_security(spec: dict[str, Any]) -> None:
     """Each operation's ``security`` is what app/auth/middleware.py enforces on its path, and its refusals
-    (401, 403) are declared where they can happen."""
+    (401, 403) are declared where they can happen, in the envelope of the dialect whose routes they are on."""
     problems = []
+    unknown = set(DIALECT_REFUSALS) - set(ENVELOPES)
+    assert not unknown, f"DIALECT_REFUSALS names prefixes app/api/errors.py wraps in no envelope: {sorted(unknown)}"
     for path, item in spec["paths"].items():
         for method, op in item.items():
             if method not in HTTP_METHODS:
@@ -551,6 +597,9 @@ def test_operation_security(spec: dict[str, Any]) -> None:
                     refusals |= {"403": "ModelNotAllowed", "429": "TooManyRequests"}
             else:
                 expected, refusals = [], {}
+            for prefix, dialect in DIALECT_REFUSALS.items():
+                if path.startswith(prefix):
+                    refusals = {status: dialect.get(status, name) for status, name in refusals.items()}
             if op.get("security") != expected:
                 problems.append(f"{where}: security is {op.get('security')!r}, the middleware enforces {expected!r}")
             for status, name in refusals.items():
@@ -590,15 +639,23 @@ def test_routes_are_the_contract_paths(app: Litestar, spec: dict[str, Any]) -> N
     )
 
 
+def test_operation_ids_are_unique(spec: dict[str, Any]) -> None:
+    ids = [op.get("operationId") for item in spec["paths"].values() for m, op in item.items() if m in HTTP_METHODS]
+    repeated = sorted({i for i in ids if ids.count(i) > 1}, key=str)
+    assert not repeated, f"operationIds used by more than one operation in openapi.yaml: {repeated}"
+
+
 def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
     problems = []
+    unserved = set(OTHER_OPERATION_IDS) - {(path, method) for path, method, _ in handlers(app)}
+    if unserved:
+        problems.append(f"OTHER_OPERATION_IDS names operations the app does not serve: {sorted(unserved)}")
     for path, method, handler in handlers(app):
         op = operation(spec, path, method)
         where = f"{method} {path}"
-        if handler.operation_id and op.get("operationId") != handler.operation_id:
-            problems.append(
-                f"{where}: operationId {op.get('operationId')!r} in openapi.yaml, {handler.operation_id!r} in code"
-            )
+        operation_id = OTHER_OPERATION_IDS.get((path, method), handler.operation_id)
+        if operation_id and op.get("operationId") != operation_id:
+            problems.append(f"{where}: operationId {op.get('operationId')!r} in openapi.yaml, {operation_id!r} in code")
 
         # Path and query parameters: the handler's arguments that are neither reserved nor dependencies.
         dependencies = set(handler.resolve_dependencies())
@@ -621,10 +678,10 @@ def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
         if spec_headers != code_headers:
             problems.append(f"{where}: header parameters are {spec_headers} in openapi.yaml, {code_headers} in code")
 
-        # Request body: the struct behind ``data``, or for upload routes, the bodies app/api/uploads.py reads.
+        # Request body: the struct behind ``data``, or for upload routes and the hf dialect, the bodies they read.
         data = handler.parsed_fn_signature.parameters.get("data")
         content = op.get("requestBody", {}).get("content", {})
-        read_bodies = UPLOAD_BODIES.get(handler.operation_id)
+        read_bodies = UPLOAD_BODIES.get(handler.operation_id) or DECODED_BODIES.get(handler.operation_id)
         raw = RAW_BODIES.get(handler.operation_id)
         if raw is not None:
             if data is not None:
@@ -638,7 +695,7 @@ def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
                 problems.append(f"{where}: the request body is required")
         elif read_bodies is not None:
             if data is not None:
-                problems.append(f"{where}: decodes a `data` argument, but UPLOAD_BODIES says it reads its own body")
+                problems.append(f"{where}: decodes a `data` argument, but UPLOAD_BODIES or DECODED_BODIES say not")
             if set(content) != set(read_bodies):
                 problems.append(
                     f"{where}: body media types are {sorted(content)} in openapi.yaml, {sorted(read_bodies)}"
@@ -652,9 +709,17 @@ def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
         else:
             body = content.get("application/json", {}).get("schema", {})
             struct, optional = body_type(data.annotation) if data is not None else (None, False)
-            code_body = struct.__name__ if struct is not None else None
-            if code_body != ref_name(body):
-                problems.append(f"{where}: request body is {ref_name(body)!r} in openapi.yaml, {code_body!r} in code")
+            if struct is not None and not is_struct(struct):
+                # A body that is no struct (POST /sdapi/v1/options: any JSON object): an inline schema of its shape.
+                diff = shape_diff(shape(msgspec.json.schema(struct)), shape(body), narrowing=False)
+                if diff or "$ref" in body:
+                    problems.append(f"{where}: request body is {body} in openapi.yaml, {struct} in code: {diff}")
+            else:
+                code_body = schema_name(struct) if struct is not None else None
+                if code_body != ref_name(body):
+                    problems.append(
+                        f"{where}: request body is {ref_name(body)!r} in openapi.yaml, {code_body!r} in code"
+                    )
             if set(content) - {"application/json"}:
                 problems.append(f"{where}: body media types {sorted(content)}; a raw body belongs in RAW_BODIES")
             if data is not None and bool(op.get("requestBody", {}).get("required")) == optional:
@@ -670,16 +735,26 @@ def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
         expected = sorted({status, *OTHER_SUCCESSES.get(handler.operation_id, ())})
         if successes != expected:
             problems.append(f"{where}: success statuses are {successes} in openapi.yaml, {expected} in code")
-        # Its body, where the handler declares a struct (``Model`` or ``Response[Readiness]``); none for a 204.
+        # Its body, where the handler declares a struct (``Model`` or ``Response[Readiness]``) or a list of them,
+        # JSON ``null`` where it returns None with a body (POST /sdapi/v1/options); none for a 204.
         returned = handler.parsed_fn_signature.return_type.annotation
         struct = typing.get_args(returned)[0] if typing.get_origin(returned) is Response else returned
         declared = op["responses"].get(status, {})
-        if isinstance(struct, type) and issubclass(struct, msgspec.Struct):
-            ok = declared.get("content", {}).get("application/json", {}).get("schema", {})
-            if ref_name(ok) != struct.__name__:
+        if "$ref" in declared:
+            declared = resolve(spec, declared["$ref"])
+        ok = declared.get("content", {}).get("application/json", {}).get("schema", {})
+        if is_struct(struct):
+            if ref_name(ok) != schema_name(struct):
                 problems.append(
-                    f"{where}: {status} body is {ref_name(ok)!r} in openapi.yaml, {struct.__name__!r} in code"
+                    f"{where}: {status} body is {ref_name(ok)!r} in openapi.yaml, {schema_name(struct)!r} in code"
                 )
+        elif typing.get_origin(struct) is list and is_struct(item := typing.get_args(struct)[0]):
+            if ok.get("type") != "array" or ref_name(ok.get("items", {})) != schema_name(item):
+                problems.append(
+                    f"{where}: {status} body is {ok} in openapi.yaml, a list of {schema_name(item)} in code"
+                )
+        elif struct in (None, type(None)) and status != "204" and ok != {"type": "null"}:
+            problems.append(f"{where}: {status} body is {ok} in openapi.yaml; the handler answers JSON null")
         if status == "204" and (returned not in (None, type(None)) or "content" in declared):
             problems.append(f"{where}: a 204 has no body, but the handler returns {returned!r} or the contract one")
     assert not problems, "operations drifted:\n" + "\n".join(problems)
@@ -698,7 +773,7 @@ def body_type(annotation: Any) -> tuple[Any, bool]:
 
 
 def test_every_contract_schema_has_a_source(spec: dict[str, Any]) -> None:
-    structs = {s.__name__ for s in WIRE_STRUCTS}
+    structs = {schema_name(s) for s in WIRE_STRUCTS}
     documented = set(spec["components"]["schemas"])
     assert structs - documented == set(), f"wire structs with no schema in the contract: {sorted(structs - documented)}"
     stale = documented - structs - SCHEMAS_WITHOUT_STRUCT
@@ -758,9 +833,19 @@ def struct_problems(struct: type[msgspec.Struct], schema: dict[str, Any], *, req
     return problems
 
 
-@pytest.mark.parametrize("struct", WIRE_STRUCTS, ids=lambda s: s.__name__)
+def test_schema_names_are_unique() -> None:
+    """The contract has one namespace of schemas: two wire structs of one name cannot both be documented."""
+    names = [schema_name(s) for s in WIRE_STRUCTS]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    assert not repeated, (
+        f"wire structs of the same name: {repeated}; rename one, or name its schema apart in SCHEMA_NAMES: "
+        + ", ".join(f"{s.__module__}.{s.__name__}" for s in WIRE_STRUCTS if schema_name(s) in repeated)
+    )
+
+
+@pytest.mark.parametrize("struct", WIRE_STRUCTS, ids=schema_name)
 def test_struct_matches_schema(struct: type[msgspec.Struct], spec: dict[str, Any]) -> None:
-    name = struct.__name__
+    name = schema_name(struct)
     schema = spec["components"]["schemas"].get(name)
     assert schema is not None, f"openapi.yaml has no schema {name} for {struct.__module__}.{name}"
     problems = struct_problems(struct, flatten(spec, schema), request=struct in REQUEST_STRUCTS)
@@ -842,6 +927,42 @@ def test_scheduler_names_documented(spec: dict[str, Any]) -> None:
     text = spec["components"]["schemas"]["ImageGenerateRequest"]["properties"]["scheduler"]["description"]
     undocumented = [name for name in SCHEDULERS if f"`{name}`" not in text]
     assert not undocumented, f"scheduler names the code knows but the contract does not list: {undocumented}"
+
+
+def test_a1111_samplers_documented(spec: dict[str, Any]) -> None:
+    """The table of ``Txt2Img.sampler_name`` is app/protocol/a1111.py's SAMPLERS: name, aliases, scheduler."""
+    text = spec["components"]["schemas"]["Txt2Img"]["properties"]["sampler_name"]["description"]
+    rows = {
+        cells[0].strip("`"): cells
+        for line in text.splitlines()
+        if line.startswith("| `") and len(cells := [c.strip() for c in line.strip("|").split("|")]) == 3
+    }
+    problems = []
+    for name, (scheduler, aliases) in a1111_protocol.SAMPLERS.items():
+        row = rows.pop(name, None)
+        if row is None:
+            problems.append(f"{name!r} has no row")
+            continue
+        documented = {a.strip("` ") for a in row[1].split(",") if a.strip()}
+        if documented != set(aliases):
+            problems.append(f"{name!r}: aliases {sorted(documented)} in the contract, {aliases} in code")
+        if not row[2].startswith(f"`{scheduler}`"):
+            problems.append(f"{name!r}: scheduler {row[2]!r} in the contract, {scheduler!r} in code")
+    karras = rows.pop("DPM++ 2M Karras", None)
+    if karras is None or not karras[2].startswith("`dpmpp_2m_karras`"):
+        problems.append(f"'DPM++ 2M Karras' must be documented as dpmpp_2m_karras: {karras}")
+    if "`dpmpp_2m_karras`" not in text.split("| `DPM++ 2M` |")[-1].splitlines()[0]:
+        problems.append("'DPM++ 2M' with scheduler karras must be documented as dpmpp_2m_karras")
+    if rows:
+        problems.append(f"rows for samplers the code does not know: {sorted(rows)}")
+    schedules = spec["components"]["schemas"]["Schedule"]["properties"]
+    if schedules["name"].get("enum") != list(a1111_protocol.SCHEDULES):
+        problems.append(
+            f"Schedule.name enum is {schedules['name'].get('enum')}, SCHEDULES {list(a1111_protocol.SCHEDULES)}"
+        )
+    if schedules["label"].get("enum") != list(a1111_protocol.SCHEDULES.values()):
+        problems.append(f"Schedule.label enum is {schedules['label'].get('enum')}")
+    assert not problems, "the sampler table drifted from app/protocol/a1111.py:\n" + "\n".join(problems)
 
 
 # -- 4. the served contract ---------------------------------------------------------------------------------------
@@ -1775,3 +1896,248 @@ def test_live_custom_models_conform(tmp_path: Path, spec: dict[str, Any]) -> Non
         call("GET", CM_DATA, 404, model_id=model_id)
         call("GET", CM_TRAINING, 404, model_id=model_id, training_id=training_id)
         call("DELETE", CM_MODEL, 404, model_id=model_id)
+
+
+# -- 10. the Hugging Face dialect, live ---------------------------------------------------------------------------
+
+HF_TASK = "/hf/models/{model_id}"
+HF_HANDLER = "/hf/endpoints/{model_id}"
+HF_PREDICT = f"{HF_HANDLER}/predict"
+HF_HEALTH = f"{HF_HANDLER}/health"
+
+
+def hf_error(client: TestClient, spec: dict[str, Any], path: str, status: int, template: str, **kw: Any) -> str:
+    """POST to an ``/hf/`` route, assert an ``HFError`` with ``status`` that conforms; returns its message."""
+    body = call_checked(client, spec, "POST", path, status, template, **kw)
+    assert set(body) == {"error"} and body["error"], body
+    return body["error"]
+
+
+def test_live_hf_dialect_conforms(tmp_path: Path, spec: dict[str, Any]) -> None:
+    keys = [{"id": "alice", "key_sha256": hashlib.sha256(b"sk-alice").hexdigest()}]
+    alice = bearer("sk-alice")
+    task, handler = HF_TASK.format(model_id=DEMO_MODEL), HF_HANDLER.format(model_id=DEMO_MODEL)
+    with TestClient(fake_app(secured_settings(tmp_path, api_keys=keys))) as client:
+
+        def image(response: Any, template: str, media: str, size: tuple[int, int] = (64, 64)) -> None:
+            assert response.status_code == 200, response.text[:300]
+            check_response(spec, template, "POST", response)
+            assert response.headers["content-type"] == media
+            decoded = Image.open(io.BytesIO(response.content))
+            assert (f"image/{decoded.format.lower()}", decoded.size) == (media, size)
+
+        # The task: the Accept header's first image type; JPEG for */*, image/* or none; numbers as strings.
+        body = {"inputs": "a cat", "parameters": {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 3}}
+        for accept, media in (
+            ("image/png", "image/png"),
+            ("text/html, image/webp;q=0.9, image/png", "image/webp"),
+            ("*/*", "image/jpeg"),
+            ("image/*", "image/jpeg"),
+            (None, "image/jpeg"),
+        ):
+            headers = alice if accept is None else {**alice, "accept": accept}
+            image(client.post(task, json=body, headers=headers), HF_TASK, media)
+        lenient = {"inputs": "a cat", "parameters": {"target_size": {"width": "64", "height": "80"}, "seed": "7"}}
+        image(client.post(task, json=lenient, headers={**alice, "accept": "image/png"}), HF_TASK, "image/png", (64, 80))
+
+        # The handler: {"image": base64 JPEG}, or the bytes when Accept names an image type; at .../predict too.
+        flat = {"inputs": "a cat", "negative_prompt": "blur", "height": 64, "width": 64, "inference_steps": "2"}
+        for path in (handler, HF_PREDICT.format(model_id=DEMO_MODEL)):
+            template = HF_HANDLER if path == handler else HF_PREDICT
+            answer = call_checked(client, spec, "POST", path, 200, template, json=flat, headers=alice)
+            decoded = Image.open(io.BytesIO(base64.b64decode(answer["image"], validate=True)))
+            assert (decoded.format, decoded.size) == ("JPEG", (64, 64))
+            image(client.post(path, json=flat, headers={**alice, "accept": "image/png"}), template, "image/png")
+        nested = {"inputs": "a cat", "parameters": {"width": 64, "height": 64, "num_inference_steps": 2}}
+        image(client.post(handler, json=nested, headers={**alice, "accept": "image/webp"}), HF_HANDLER, "image/webp")
+        response = client.get(HF_HEALTH.format(model_id=DEMO_MODEL), headers=alice)
+        assert response.status_code == 200 and response.text == "Ok", response.text
+        check_response(spec, HF_HEALTH, "GET", response)
+
+        # Errors, in the {"error"} envelope: no inputs, a bad value, not JSON, an unknown model (ids may have a /).
+        one_side = {"inputs": "x", "parameters": {"width": 64}}
+        for path, template, bad in ((task, HF_TASK, one_side), (handler, HF_HANDLER, {"inputs": "x", "width": 64})):
+            message = hf_error(client, spec, path, 400, template, json={"parameters": {}}, headers=alice)
+            assert message == 'Body needs to provide a inputs key, received: {"parameters":{}}', message
+            hf_error(client, spec, path, 400, template, json=bad, headers=alice)
+        hf_error(client, spec, task, 400, HF_TASK, content=b"inputs=x", headers=alice)
+        hf_error(client, spec, task, 400, HF_TASK, json={**body, "parameters": {"seed": -1}}, headers=alice)
+        assert "'acme/sdxl'" in hf_error(
+            client, spec, HF_TASK.format(model_id="acme/sdxl"), 404, HF_TASK, json={"inputs": "x"}, headers=alice
+        )
+        hf_error(client, spec, HF_HANDLER.format(model_id="nope"), 404, HF_HANDLER, json=flat, headers=alice)
+        hf_error(client, spec, HF_PREDICT.format(model_id="nope"), 404, HF_PREDICT, json=flat, headers=alice)
+        too_large = b"x" * (secured_settings(tmp_path).max_body_size + 1)
+        hf_error(client, spec, task, 413, HF_TASK, content=too_large, headers=alice)
+
+        # No credential, a wrong one: 401 in the envelope, with WWW-Authenticate.
+        for headers in ({}, bearer("sk-nope"), basic("alice", "wrong")):
+            for path, template in ((task, HF_TASK), (handler, HF_HANDLER)):
+                hf_error(client, spec, path, 401, template, json=flat, headers=headers)
+            response = client.get(HF_HEALTH.format(model_id=DEMO_MODEL), headers=headers)
+            assert response.status_code == 401 and set(response.json()) == {"error"}, response.text
+            check_response(spec, HF_HEALTH, "GET", response)
+
+
+def test_live_hf_dialect_without_workers_conforms(app: Litestar, spec: dict[str, Any]) -> None:
+    """A model with no ready worker: 503 with ``estimated_time`` and Retry-After, also after a short wait."""
+    with TestClient(app) as client:
+        for path, template, headers in (
+            (HF_TASK.format(model_id=DEMO_MODEL), HF_TASK, {}),
+            (HF_HANDLER.format(model_id=DEMO_MODEL), HF_HANDLER, {"x-scale-up-timeout": "0.2"}),
+        ):
+            response = client.post(path, json={"inputs": "a cat"}, headers=headers)
+            assert response.status_code == 503, response.text
+            body = check_response(spec, template, "POST", response)
+            assert body["estimated_time"] > 0 and body["error"] and "retry-after" in response.headers, body
+
+
+# -- 11. the AUTOMATIC1111 dialect, live --------------------------------------------------------------------------
+
+SD = "/sdapi/v1"
+SD_ERROR_KEYS = {"error", "detail", "body", "errors"}
+
+
+def sd_error(
+    client: TestClient, spec: dict[str, Any], method: str, route: str, status: int, error: str, **kw: Any
+) -> str:
+    """Send to ``/sdapi/v1/<route>``, assert an ``A1111Error`` of class ``error`` with ``status`` that conforms;
+    returns its ``detail``."""
+    path = route.partition("?")[0]
+    body = call_checked(client, spec, method, f"{SD}/{route}", status, f"{SD}/{path}", **kw)
+    assert set(body) == SD_ERROR_KEYS and (body["error"], body["body"], body["errors"]) == (error, "", ""), body
+    assert body["detail"], body
+    return body["detail"]
+
+
+def test_live_sdapi_dialect_conforms(tmp_path: Path, spec: dict[str, Any]) -> None:
+    keys = [{"id": "alice", "key_sha256": hashlib.sha256(b"sk-alice").hexdigest()}]
+    alice = bearer("sk-alice")
+    info_schema = spec["components"]["schemas"]["GenerationResponse"]["properties"]["info"]["contentSchema"]
+    settings = secured_settings(tmp_path, api_keys=keys, job_poll_interval=0.01)
+    with TestClient(fake_app(settings, step_delay=0.01)) as client:
+
+        def call(method: str, route: str, status: int = 200, **kw: Any) -> Any:
+            path = route.partition("?")[0]
+            return call_checked(client, spec, method, f"{SD}/{route}", status, f"{SD}/{path}", headers=alice, **kw)
+
+        def generated(route: str, body: dict[str, Any], n: int, fmt: str = "PNG") -> dict[str, Any]:
+            """A txt2img or img2img answer: ``n`` base64 images of 64x64 in ``fmt`` and its ``info`` conform."""
+            answer = call("POST", route, json=body)
+            decoded = [Image.open(io.BytesIO(base64.b64decode(i, validate=True))) for i in answer["images"]]
+            assert [(d.format, d.size) for d in decoded] == [(fmt, (64, 64))] * n, answer["parameters"]
+            info = json.loads(answer["info"])
+            errors = validate(info, info_schema, spec, "info")
+            assert not errors, "GenerationResponse.info drifted from openapi.yaml:\n" + "\n".join(errors)
+            assert info["all_seeds"] == [info["seed"] + i for i in range(n)] and info["sd_model_name"] == DEMO_MODEL
+            return answer
+
+        # What Open WebUI and SillyTavern read first: the options, models, samplers and schedules.
+        assert call("GET", "options")["sd_model_checkpoint"] == DEMO_MODEL
+        models = call("GET", "sd-models")
+        assert [m["title"] for m in models] == [DEMO_MODEL]
+        samplers = [s["name"] for s in call("GET", "samplers")]
+        assert samplers and set(samplers) <= set(a1111_protocol.SAMPLERS), samplers
+        assert [s["name"] for s in call("GET", "schedulers")] == ["automatic", "karras"]
+        assert call("POST", "options", json={"sd_model_checkpoint": models[0]["title"], "sd_vae": "None"}) is None
+
+        # txt2img: Open WebUI's body, echoed as sent; a loosely typed one with unknown keys, a sampler and a format.
+        open_webui = {"prompt": "a cat", "batch_size": 2, "width": 64, "height": 64, "steps": 2}
+        assert generated("txt2img", open_webui, 2)["parameters"] == open_webui
+        loose = {
+            "prompt": "a cat",
+            "width": "64",
+            "height": "64",
+            "steps": "2",
+            "seed": "7",
+            "sampler_name": "DPM++ 2M",
+            "scheduler": "Karras",
+            "samples_format": "jpg",
+            "override_settings": {"sd_model_checkpoint": DEMO_MODEL},
+            "save_images": False,
+        }
+        answer = generated("txt2img", loose, 1, "JPEG")
+        assert answer["parameters"] == loose and json.loads(answer["info"])["all_seeds"] == [7]
+
+        # img2img: base64 (and data: URL) images; init_images and mask are not echoed.
+        image = base64.b64encode(png(64, 64)).decode()
+        body = {"prompt": "a cat", "init_images": [image], "width": 64, "height": 64, "steps": 2}
+        assert generated("img2img", {**body, "denoising_strength": "0.5"}, 1)["parameters"] == {
+            "prompt": "a cat",
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+            "denoising_strength": "0.5",
+        }
+        mask = data_url(png(64, 64, "L"))
+        assert "mask" not in generated("img2img", {**body, "mask": mask}, 1)["parameters"]
+
+        # Progress when idle, with and without the preview; interrupt with nothing to stop.
+        for route in ("progress", "progress?skip_current_image=true"):
+            idle = call("GET", route)
+            assert (idle["progress"], idle["current_image"], idle["state"]["job_count"]) == (0, None, 0), idle
+        assert call("POST", "interrupt") == {}
+
+        # Errors, in A1111's envelope with imagegate's statuses.
+        for bad, param in (
+            ({"sampler_name": "Euler b"}, "Sampler not found"),
+            ({"enable_hr": True}, "enable_hr"),
+            ({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts"),
+            ({"sampler_name": "Euler", "scheduler": "karras"}, "karras"),
+            ({"prompt": " "}, "prompt"),
+        ):
+            detail = sd_error(
+                client, spec, "POST", "txt2img", 400, "InvalidRequest", json={**open_webui, **bad}, headers=alice
+            )
+            assert param in detail, (bad, detail)
+        sd_error(client, spec, "POST", "txt2img", 400, "InvalidRequest", content=b"prompt=x", headers=alice)
+        detail = sd_error(client, spec, "POST", "img2img", 400, "InvalidRequest", json=open_webui, headers=alice)
+        assert "init_images" in detail, detail
+        unknown = {"override_settings": {"sd_model_checkpoint": "sdxl.safetensors [31e35c80fc]"}}
+        detail = sd_error(
+            client, spec, "POST", "txt2img", 404, "NotFound", json={**open_webui, **unknown}, headers=alice
+        )
+        assert detail.startswith("Model not found"), detail
+        sd_error(client, spec, "POST", "options", 404, "NotFound", json={"sd_model_checkpoint": "sdxl"}, headers=alice)
+        sd_error(client, spec, "POST", "options", 400, "InvalidRequest", json=["sdxl"], headers=alice)
+        sd_error(client, spec, "GET", "progress?skip_current_image=maybe", 400, "InvalidRequest", headers=alice)
+        too_large = b"x" * (settings.max_body_size + 1)
+        sd_error(client, spec, "POST", "txt2img", 413, "PayloadTooLarge", content=too_large, headers=alice)
+
+        # No credential, a wrong one (an API key is configured): 401 in the envelope, with WWW-Authenticate.
+        for headers in ({}, bearer("sk-nope")):
+            for method, route, kw in (
+                ("GET", "options", {}),
+                ("GET", "progress", {}),
+                ("POST", "interrupt", {}),
+                ("POST", "txt2img", {"json": open_webui}),
+            ):
+                sd_error(client, spec, method, route, 401, "Unauthorized", headers=headers, **kw)
+        sd_error(client, spec, "GET", "sd-models", 401, "Unauthorized", headers=basic("alice", "wrong"))
+
+
+def test_live_sdapi_progress_and_interrupt_conform(tmp_path: Path, spec: dict[str, Any]) -> None:
+    """A running generation's progress with its preview; interrupted, its request answers 200 with no images."""
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "job_poll_interval": 0.01})
+    answers: list[Any] = []
+    with TestClient(fake_app(settings, step_delay=0.01)) as client:
+        body = {"prompt": "a cat", "width": 64, "height": 64, "steps": 100}
+        thread = threading.Thread(target=lambda: answers.append(client.post(f"{SD}/txt2img", json=body)))
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                progress = call_checked(client, spec, "GET", f"{SD}/progress", 200)
+                if progress["current_image"] is not None:
+                    break
+                time.sleep(0.01)
+            assert progress["current_image"] is not None, (progress, answers and answers[0].text)
+            assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 100, progress
+            assert progress["state"]["job"].startswith("job_") and progress["state"]["job_count"] == 1, progress
+            assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"], validate=True))).size == (64, 64)
+            assert call_checked(client, spec, "POST", f"{SD}/interrupt", 200) == {}
+        finally:
+            thread.join(20)
+        (answer,) = answers
+        assert answer.status_code == 200, answer.text
+        assert check_response(spec, f"{SD}/txt2img", "POST", answer)["images"] == []
