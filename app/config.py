@@ -192,10 +192,26 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class UpstreamConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """A server speaking the OpenAI Images API (another imagegate, a vendor) that serves some of the models."""
+    """An image API that serves some of the models: OpenAI-compatible, a Hugging Face endpoint, or ModelsLab."""
 
     name: Annotated[str, _doc("Backend name in /ready and metrics.")]
-    base_url: Annotated[str, _doc("Base URL up to and including /v1, e.g. https://api.openai.com/v1.")]
+    base_url: Annotated[
+        str,
+        _doc(
+            "openai: the base URL up to and including /v1; hf_endpoint: the endpoint's URL; modelslab: the API's "
+            "base up to the version, e.g. https://modelslab.com/api/v6."
+        ),
+    ]
+    type: Annotated[
+        Literal["openai", "hf_endpoint", "modelslab"], _doc("The API it speaks (see Upstreams in the README).")
+    ] = "openai"
+    mode: Annotated[
+        Literal["task", "handler"],
+        _doc("hf_endpoint only: the text-to-image task contract, or a custom handler's flat keys and {image: base64}."),
+    ] = "task"
+    poll_interval: Annotated[
+        float, _doc("modelslab only: fewest seconds between two fetches of a processing generation.")
+    ] = 2.0
     api_key_env: Annotated[str, _doc("Environment variable holding the upstream's key; empty: no key sent.")] = ""
     models: Annotated[
         dict[str, str], _doc("Served model name -> the upstream's model name (each must be a configured model).")

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from app.backends.upstream import UpstreamBackend
+from app.backends.foreign import upstream
 from app.backends.worker import WorkerBackend
 from app.config import Settings
 from app.pool.pool import Member, Pool
@@ -50,7 +50,7 @@ class RemoteWorkers:
             )
             self._watch(self.pool.add(backend, models, probed=True, device=address))
         for u in self.settings.upstreams:
-            self._watch(self.pool.add(UpstreamBackend(u), list(u.models), capacity=u.concurrency, probed=True))
+            self._watch(self.pool.add(upstream(u), list(u.models), capacity=u.concurrency, probed=True))
 
     def _watch(self, member: Member) -> None:
         self._members.append(member)
