@@ -102,6 +102,8 @@ class _Foreign:
         return self._session
 
     def _refusal(self, params: GenerationParams) -> Failed | None:
+        if params.clip_skip and isinstance(self, HFEndpointBackend):
+            return Failed(f"upstream {self.name} cannot skip text-encoder layers (clip_skip)", "invalid_request")
         if params.loras:
             return Failed(f"upstream {self.name} cannot apply this gateway's LoRA adapters", "invalid_request", "loras")
         if params.task not in self.tasks:
@@ -287,6 +289,7 @@ class ModelsLabBackend(_Foreign):
             "num_inference_steps": params.steps,
             "guidance_scale": params.guidance,
             "seed": params.seed,
+            "clip_skip": (params.clip_skip or 0) + 1,
             "safety_checker": False,
             "enhance_prompt": False,
             "base64": False,

@@ -263,6 +263,8 @@ class UpstreamBackend:
                 fields["negative_prompt"] = params.negative_prompt
             if params.scheduler:
                 fields["scheduler"] = params.scheduler
+            if params.clip_skip:
+                fields["clip_skip"] = params.clip_skip + 1  # the API counts as AUTOMATIC1111 does
             if params.task != "text2img" and params.strength is not None:
                 fields["strength"] = params.strength
         return fields

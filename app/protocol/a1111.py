@@ -248,6 +248,7 @@ def generation(model: str, req: Txt2Img, first_seed: int) -> ImageGenerateReques
         response_format="url",
         partial_images=3,
         loras=loras,
+        clip_skip=req.override_settings.get("CLIP_stop_at_last_layers"),
     )
 
 
@@ -274,6 +275,7 @@ def edit(model: str, req: Img2Img, first_seed: int) -> ImageEditJsonRequest:
         response_format="url",
         partial_images=3,
         loras=loras,
+        clip_skip=req.override_settings.get("CLIP_stop_at_last_layers"),
     )
 
 
@@ -314,6 +316,6 @@ def info(req: Txt2Img, model: str, first_seed: int, n: int, sampler_name: str) -
             "index_of_first_image": 0,
             "infotexts": [f"{prompt}\nSteps: {req.steps}, Sampler: {sampler_name}, Seed: {s}" for s in seeds],
             "styles": [],
-            "clip_skip": 1,
+            "clip_skip": req.override_settings.get("CLIP_stop_at_last_layers", 1),
         }
     ).decode()

@@ -71,6 +71,8 @@ class _ImageOptions(_JobOptions, kw_only=True):
     num_inference_steps: Annotated[int, Meta(ge=1, le=MAX_STEPS)] | None = None
     guidance_scale: Annotated[float, Meta(ge=0, le=MAX_GUIDANCE)] | None = None
     scheduler: str | None = None
+    clip_skip: Annotated[int, Meta(ge=1, le=12)] | None = None
+    """The text encoder's layer to take, counted from the end as AUTOMATIC1111 does (1: the last, no skip)."""
 
 
 class ImageGenerateRequest(_ImageOptions, kw_only=True):

@@ -198,8 +198,6 @@ def check(req: Request) -> None:
     clip_skip = number(req.clip_skip, "clip_skip")
     if clip_skip is not None and not 1 <= clip_skip <= 8:
         raise InvalidRequest("clip_skip must be within 1-8.", param="clip_skip")
-    if clip_skip is not None and clip_skip > 1:
-        raise InvalidRequest("clip_skip above 1 is not supported by this server yet.", param="clip_skip")
 
 
 def generation(req: Request, model: str, prompt: str, seed: int | None) -> ImageGenerateRequest:
@@ -227,6 +225,7 @@ def generation(req: Request, model: str, prompt: str, seed: int | None) -> Image
         scheduler=name,
         response_format="url",
         loras=loras(req),
+        clip_skip=number(req.clip_skip, "clip_skip"),
     )
 
 

@@ -334,6 +334,7 @@ class ImageService:
             output_compression=req.output_compression,
             request_id=f"img_{_request_id()}",
             loras=self._loras(model, req, principal),
+            clip_skip=_clip_skip(req.clip_skip),
         )
         return Job(
             params=params,
@@ -433,6 +434,7 @@ class ImageService:
             image_bytes=image.size,
             mask_bytes=mask.size if mask is not None else 0,
             loras=self._loras(model, req, principal) if task != "background_removal" else (),
+            clip_skip=_clip_skip(req.clip_skip),
         )
         return Job(
             params=params,
@@ -741,3 +743,8 @@ class EventStream:
         self._job.finish()  # a no-op for the ticket if the stream ran: its end already finished it
         if self._dispatch.release():
             metrics.IMAGES.labels(self._dispatch.params.model, "cancelled").inc(self._job.params.n)
+
+
+def _clip_skip(value: int | None) -> int | None:
+    """A request's ``clip_skip`` (AUTOMATIC1111's count, 1: no skip) as diffusers counts it (None: no skip)."""
+    return value - 1 if value and value > 1 else None

@@ -87,6 +87,16 @@ def _trainable(pipe) -> bool:
     )
 
 
+def _skips_clip(loaded: LoadedModel, task: str) -> bool:
+    """Whether the pipeline takes ``clip_skip`` and its text encoder has what diffusers reads for it.
+
+    diffusers reaches into ``text_encoder.text_model.final_layer_norm``, which CLIP text models of transformers 5 do
+    not have: there, asking for it would fail inside the pipeline.
+    """
+    encoder = getattr(loaded.pipe, "text_encoder", None)
+    return "clip_skip" in loaded.accepts[task] and hasattr(encoder, "text_model")
+
+
 def _native_side(pipe) -> int:
     """The side the model draws best at: its denoiser's sample size in latents times the VAE's scale."""
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
@@ -126,7 +136,7 @@ def batch_key(params: GenerationParams, loaded: LoadedModel) -> tuple | None:
     p = params
     if p.task == "background_removal":
         return None
-    key = (p.model, p.task, p.width, p.height, p.steps, p.guidance, p.scheduler, p.strength, p.loras)
+    key = (p.model, p.task, p.width, p.height, p.steps, p.guidance, p.scheduler, p.strength, p.loras, p.clip_skip)
     if not (loaded.family.empty_negative_prompt or loaded.family.true_cfg):
         key += (bool(p.negative_prompt),)
     return key
@@ -254,6 +264,9 @@ class Engine:
             job.events.put_nowait(Failed(message, "invalid_request", param="scheduler"))
         elif params.loras and (loaded.adapters is None or params.task == "background_removal"):
             job.events.put_nowait(Failed(f"model {params.model!r} cannot apply LoRA adapters", "invalid_request"))
+        elif params.clip_skip and not _skips_clip(loaded, params.task):
+            message = f"model {params.model!r} cannot skip text-encoder layers (clip_skip) with this diffusers"
+            job.events.put_nowait(Failed(message, "invalid_request", param="clip_skip"))
         elif params.negative_prompt and "negative_prompt" not in loaded.accepts[params.task]:
             job.events.put_nowait(Failed(f"model {params.model!r} does not take a negative_prompt", "invalid_request"))
         else:
@@ -598,6 +611,8 @@ class Engine:
             ],
             "output_type": "np",
         }
+        if p.clip_skip:
+            kwargs["clip_skip"] = p.clip_skip
         if "callback_on_step_end" in accepts:
             kwargs.update(callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
         else:  # the legacy form (PixArt): called after each step with the latents

@@ -261,6 +261,8 @@ class GenerationParams(msgspec.Struct, kw_only=True, frozen=True):
     """Length of the mask (PNG with alpha, or greyscale: white = redraw) that follows the image."""
     loras: tuple[LoraRef, ...] = ()
     """Adapters to run with, in order; their files reach the worker before the job (``PUT /adapters/{digest}``)."""
+    clip_skip: int | None = None
+    """Text-encoder layers to skip from the end (diffusers' count: 1 is the layer before the last; None: none)."""
 
     @property
     def work(self) -> float:

@@ -424,3 +424,20 @@ async def test_each_task_knows_what_its_pipeline_takes(engine):
     assert set(accepts) == {"text2img", "img2img", "inpaint", "outpaint"}
     assert "height" in accepts["text2img"] and "height" not in accepts["img2img"]  # StableDiffusionImg2ImgPipeline
     assert "mask_image" in accepts["inpaint"]
+
+
+async def test_clip_skip_is_applied_where_the_stack_can_and_refused_where_it_cannot(engine):
+    """diffusers' clip_skip reaches the pipeline, and jobs with another clip_skip never share its call; on a stack
+    whose text encoder lacks what diffusers reads for it (transformers 5), it is a clean refusal, not a crash."""
+    loaded = engine.models[MODEL]
+    if not hasattr(loaded.pipe.text_encoder, "text_model"):
+        [events] = await run_all(engine, (params(4, clip_skip=1), None, None))
+        assert isinstance(events[-1], Failed) and events[-1].kind == "invalid_request", events[-1]
+        assert events[-1].param == "clip_skip"
+        return
+    plain, skipped, again = await run_all(
+        engine, (params(4), None, None), (params(4, clip_skip=1), None, None), (params(4), None, None)
+    )
+    assert pictures(plain)[0].tolist() == pictures(again)[0].tolist()
+    assert pictures(skipped)[0].tolist() != pictures(plain)[0].tolist()
+    assert [started(e).batch_size for e in (plain, skipped, again)] == [2, 1, 2]
