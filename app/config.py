@@ -159,6 +159,13 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ),
     ] = ""
 
+    safety_checker: Annotated[
+        str,
+        _doc(
+            "Directory of a diffusers StableDiffusionSafetyChecker and its CLIP image processor, for a model that "
+            "ships none; empty: the pipeline's own, if any."
+        ),
+    ] = ""
     adapters_dir: Annotated[
         str, _doc("Directory of LoRA adapter files (*.safetensors) for this model; a file's name is its adapter id.")
     ] = ""

@@ -235,6 +235,7 @@ def generation(model: str, req: Txt2Img, first_seed: int) -> ImageGenerateReques
     prompt, loras = _prompt(req.prompt)
     return checked_request(
         ImageGenerateRequest,
+        moderation="low",  # A1111 runs no safety checker
         model=model,
         prompt=prompt,
         negative_prompt=req.negative_prompt or None,

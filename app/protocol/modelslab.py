@@ -48,6 +48,7 @@ UNSUPPORTED_FLAGS = ("panorama", "self_attention", "upscale", "highres_fix", "mu
 """Flags imagegate does not run: ``"yes"`` is refused, never silently skipped."""
 MAX_SIDE = 1024
 MAX_SAMPLES = 4
+SAFETY_TYPES = ("blur", "sensitive_content_text", "pixelate", "black")
 
 
 class Request(msgspec.Struct, kw_only=True):
@@ -200,6 +201,18 @@ def check(req: Request) -> None:
         raise InvalidRequest("clip_skip must be within 1-8.", param="clip_skip")
 
 
+def safety(req: Request) -> str | None:
+    """The treatment of what the safety checker flags, when the request asks for the checker (else None)."""
+    if not flag(req.safety_checker, "safety_checker"):
+        return None
+    how = (req.safety_checker_type or "sensitive_content_text").strip().lower()
+    if how not in SAFETY_TYPES:
+        raise InvalidRequest(
+            f"safety_checker_type must be one of {', '.join(SAFETY_TYPES)}.", param="safety_checker_type"
+        )
+    return how
+
+
 def generation(req: Request, model: str, prompt: str, seed: int | None) -> ImageGenerateRequest:
     """The image request of a text2img body (img2img and inpaint add their images to it)."""
     width, height = number(req.width, "width") or 512, number(req.height, "height") or 512
@@ -214,6 +227,8 @@ def generation(req: Request, model: str, prompt: str, seed: int | None) -> Image
     name, _ = scheduler(req)
     return checked_request(
         ImageGenerateRequest,
+        safety_checker=safety(req),
+        moderation=None if safety(req) else "low",  # "no": the model's checker does not run either
         model=model,
         prompt=prompt,
         negative_prompt=req.negative_prompt or None,
@@ -239,7 +254,8 @@ def meta(req: Request, wire: dict[str, Any], job_id: str, output: list[str], enh
         "model_id": wire["model"],
         "negative_prompt": wire.get("negative_prompt") or "",
         "scheduler": req.scheduler or "default",
-        "safety_checker": "no",
+        "safety_checker": yes[safety(req) is not None],
+        "safety_checker_type": safety(req) or req.safety_checker_type,
         "W": int(width) if width.isdigit() else None,
         "H": int(height) if height.isdigit() else None,
         "guidance_scale": wire.get("guidance_scale"),

@@ -335,6 +335,7 @@ class ImageService:
             request_id=f"img_{_request_id()}",
             loras=self._loras(model, req, principal),
             clip_skip=_clip_skip(req.clip_skip),
+            safety=req.safety_checker or (None if getattr(req, "moderation", None) == "low" else "auto"),
         )
         return Job(
             params=params,
@@ -435,6 +436,7 @@ class ImageService:
             mask_bytes=mask.size if mask is not None else 0,
             loras=self._loras(model, req, principal) if task != "background_removal" else (),
             clip_skip=_clip_skip(req.clip_skip),
+            safety=req.safety_checker or (None if getattr(req, "moderation", None) == "low" else "auto"),
         )
         return Job(
             params=params,
@@ -481,6 +483,7 @@ class ImageService:
             output_format=req.output_format or "png",
             request_id=f"var_{_request_id()}",
             task="img2img",
+            safety="auto",
             strength=model.variation_strength,
             image_bytes=image.size,
         )

@@ -369,6 +369,7 @@ class JobService:
         if job.result is None:
             return None
         stored = msgspec.json.decode(job.result)
+        stored.pop("nsfw", None)  # what the safety checker flagged: the dialects that report it read it
         data = [
             ImageData(url=self.files.url(job.base_url, name, expires=int(job.expires_at)))
             for name in stored.pop("files")
@@ -675,7 +676,7 @@ class JobService:
         fields = msgspec.json.decode(record.principal)
         principal = Principal(**{**fields, "models": tuple(fields["models"])})
         job = self._prepare(record.kind, req, inputs[:1], inputs[1] if len(inputs) > 1 else None, principal)
-        outputs: dict[int, tuple[str, int]] = {}
+        outputs: dict[int, tuple[str, int, bool]] = {}
         prompt_tokens, last_write = 0, 0.0
         async with contextlib.aclosing(self.images.run_job(job, principal, req.fallbacks)) as events:
             async for event in events:
@@ -699,13 +700,19 @@ class JobService:
                 elif isinstance(event, Image):
                     name = f"{record.id}_image_{event.index}.{job.params.output_format}"
                     await asyncio.to_thread(self._write, name, event.data)
-                    outputs[event.index] = (name, event.seed)
-        await self._succeed(record, job, [outputs[i][0] for i in sorted(outputs)], prompt_tokens)
+                    outputs[event.index] = (name, event.seed, event.nsfw)
+        ordered = [outputs[i] for i in sorted(outputs)]
+        await self._succeed(record, job, [o[0] for o in ordered], prompt_tokens, [o[2] for o in ordered])
 
     def image_files(self, job: JobRecord) -> list[bytes]:
         """The images of a job that succeeded, in order (blocking)."""
         names = msgspec.json.decode(job.result)["files"] if job.result else []
         return [(self.files.directory / name).read_bytes() for name in names]
+
+    @staticmethod
+    def flagged(job: JobRecord) -> list[bool]:
+        """Which images of a job that succeeded the safety checker flagged."""
+        return list(msgspec.json.decode(job.result).get("nsfw", [])) if job.result else []
 
     def latest_partial(self, job: JobRecord) -> bytes | None:
         """The newest partial image a running job sent (blocking); None before its first."""
@@ -742,7 +749,9 @@ class JobService:
         await asyncio.to_thread(self.store.add_events, [new_event(record.id, type, self.clock(), **data)])
         self._notify()
 
-    async def _succeed(self, record: JobRecord, job: Job, files: list[str], prompt_tokens: int) -> None:
+    async def _succeed(
+        self, record: JobRecord, job: Job, files: list[str], prompt_tokens: int, nsfw: list[bool]
+    ) -> None:
         p = job.params
         now = self.clock()
         usage = job.usage(prompt_tokens, len(files))
@@ -754,6 +763,7 @@ class JobService:
             "output_format": p.output_format,
             "background": job.background,
             "usage": usage,
+            "nsfw": nsfw,
         }
         steps = p.steps * (p.strength or 1.0) if p.task == "img2img" else p.steps
         ended = await self.end(

@@ -72,11 +72,6 @@ class ModelsLabService:
         if not req.prompt or not req.prompt.strip():
             raise InvalidRequest("The prompt field is required.", param="prompt")
         ml.check(req)
-        if ml.flag(req.safety_checker, "safety_checker"):
-            raise InvalidRequest(
-                f"No safety checker is configured for model '{model}'; send safety_checker: no.",
-                param="safety_checker",
-            )
         prompt, enhanced = await self._prompt(req, model)
         seed = ml.number(req.seed, "seed")
         wire = ml.generation(req, model, prompt, seed if seed is None or seed >= 0 else None)
@@ -216,7 +211,7 @@ class ModelsLabService:
             "id": numeric,
             "output": output,
             "proxy_links": output,
-            "nsfw_content_detected": False,
+            "nsfw_content_detected": any(self.jobs.flagged(job)),
             "webhook_status": "success" if job.webhook_url else "",
             "meta": self._meta(job, stored, output),
         }

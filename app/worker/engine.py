@@ -56,6 +56,7 @@ from app.worker.protocol import (
     WorkerEvent,
     preview_steps,
 )
+from app.worker.safety import treat
 
 log = logging.getLogger("imagegate.worker")
 
@@ -240,6 +241,7 @@ class Engine:
                     default_steps=loaded.family.steps,
                     default_guidance=loaded.family.guidance,
                     lora=loaded.adapters is not None,
+                    safety_checker=loaded.safety is not None,
                     trainable=_trainable(loaded.pipe),
                     native_side=_native_side(loaded.pipe),
                 )
@@ -264,6 +266,9 @@ class Engine:
             job.events.put_nowait(Failed(message, "invalid_request", param="scheduler"))
         elif params.loras and (loaded.adapters is None or params.task == "background_removal"):
             job.events.put_nowait(Failed(f"model {params.model!r} cannot apply LoRA adapters", "invalid_request"))
+        elif params.safety not in (None, "auto") and loaded.safety is None:
+            message = f"model {params.model!r} has no safety checker (configure safety_checker for it)"
+            job.events.put_nowait(Failed(message, "invalid_request", param="safety_checker"))
         elif params.clip_skip and not _skips_clip(loaded, params.task):
             message = f"model {params.model!r} cannot skip text-encoder layers (clip_skip) with this diffusers"
             job.events.put_nowait(Failed(message, "invalid_request", param="clip_skip"))
@@ -445,7 +450,8 @@ class Engine:
         for run in runs:
             n = run.job.params.n
             if run in live:
-                self._end(run, "completed", functools.partial(self._finals, run, pictures[start : start + n], t0))
+                mine, flags = self._screen(loaded, run.job.params, pictures[start : start + n])
+                self._end(run, "completed", functools.partial(self._finals, run, mine, flags, t0))
             start += n
 
     def _failure(self, error: Exception, p: GenerationParams) -> list[WorkerEvent]:
@@ -459,10 +465,19 @@ class Engine:
         return [Failed(f"model {p.model!r} failed: {type(error).__name__}: {error}", "internal")]
 
     @staticmethod
-    def _finals(run: _Run, pictures: list, t0: float) -> list[WorkerEvent]:
+    def _screen(loaded: LoadedModel, p: GenerationParams, pictures: list) -> tuple[list, list[bool]]:
+        """The pictures after the safety checker the job asked for (on this thread: it is a model), and its flags."""
+        if p.safety is None or loaded.safety is None or p.task == "background_removal":
+            return pictures, [False] * len(pictures)
+        flags = loaded.safety.flags(pictures)
+        how = "black" if p.safety == "auto" else p.safety
+        return [treat(im, how) if flagged else im for im, flagged in zip(pictures, flags, strict=True)], flags
+
+    @staticmethod
+    def _finals(run: _Run, pictures: list, flags: list[bool], t0: float) -> list[WorkerEvent]:
         p = run.job.params
         events: list[WorkerEvent] = [
-            Image(index=i, data=encode_image(im, p.output_format, p.output_compression), seed=p.seed + i)
+            Image(index=i, data=encode_image(im, p.output_format, p.output_compression), seed=p.seed + i, nsfw=flags[i])
             for i, im in enumerate(pictures)
         ]
         return [*events, Done(seconds=time.monotonic() - t0)]

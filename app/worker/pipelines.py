@@ -27,6 +27,7 @@ from app.worker.adapters import LoadedAdapters
 from app.worker.families import Family, family_of
 from app.worker.previews import Previewer
 from app.worker.protocol import FLOW_SCHEDULERS, SCHEDULERS, TORCHAO_CONFIGS, parse_size
+from app.worker.safety import SafetyChecker
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -84,6 +85,8 @@ class LoadedModel:
     """Decoding a partial image failed once: the model sends none from then on (logged once)."""
     adapters: LoadedAdapters | None = None
     """The LoRA adapters loaded into the pipeline; None when its pipeline cannot load any."""
+    safety: SafetyChecker | None = None
+    """The NSFW checker requests may ask for (the pipeline's own, or ``safety_checker``); None: there is none."""
 
     def pipeline_for(self, task: str, scheduler: Any) -> Any:
         """A view of the pipeline for ``task`` that shares the weights and has its own scheduler and state."""
@@ -400,6 +403,9 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
     else:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    safety = SafetyChecker.take_from(pipe)  # run after the pipeline, when a request asks, not inside every call
+    if model.safety_checker:
+        safety = SafetyChecker.load(model.safety_checker, device, DTYPES[model.dtype])
     _speed_features(model, pipe)
     accepted = call_params(type(pipe))
     steps_seen = "callback_on_step_end" in accepted or {"callback", "callback_steps"} <= accepted  # (PixArt: legacy)
@@ -449,6 +455,7 @@ def load_model(model: ModelConfig, device: str) -> LoadedModel:
         accepts=accepts,
         tasks=frozenset(tasks),
         segmenter=segmenter,
+        safety=safety,
     )
     check_schedulers(loaded)
     if model.compile:  # the request path's shapes compile now, not in a request

@@ -263,6 +263,8 @@ class GenerationParams(msgspec.Struct, kw_only=True, frozen=True):
     """Adapters to run with, in order; their files reach the worker before the job (``PUT /adapters/{digest}``)."""
     clip_skip: int | None = None
     """Text-encoder layers to skip from the end (diffusers' count: 1 is the layer before the last; None: none)."""
+    safety: Literal["auto", "black", "blur", "pixelate", "sensitive_content_text"] | None = None
+    """Run the model's NSFW checker and treat flagged images so (``auto``: black them out if it has a checker)."""
 
     @property
     def work(self) -> float:
@@ -314,6 +316,8 @@ class Image(msgspec.Struct, tag="image"):
     index: int
     data: bytes
     seed: int
+    nsfw: bool = False
+    """The safety checker flagged it (and it was treated as the job asked)."""
 
 
 class Done(msgspec.Struct, tag="done"):
@@ -391,6 +395,8 @@ class ModelDetails(msgspec.Struct, kw_only=True):
     default_guidance: float | None = None
     lora: bool = False
     """Its pipeline loads LoRA adapters."""
+    safety_checker: bool = False
+    """It has an NSFW checker that requests may ask for."""
     trainable: bool = False
     """This worker can train LoRA adapters for it (a UNet model with one text encoder)."""
     native_side: int = 512

@@ -19,6 +19,7 @@ from PIL import Image
 from app.config import demo_model
 from tests.e2e.conftest import Server, free_port
 from tests.lora import make_lora
+from tests.safety import make_checker
 
 pytestmark = pytest.mark.e2e
 
@@ -57,6 +58,7 @@ def ml(tmp_path_factory, demo_data_dir, server):
     make_lora(data / "models" / MODEL, data / "adapters" / "ink.safetensors", 1)
     model = demo_model(str(data))
     model.adapters_dir = str(data / "adapters")
+    model.safety_checker = str(make_checker(data / "checker"))  # flags every image
     env = {
         "IMAGEGATE_MODELS": json.dumps([msgspec.to_builtins(model)]),
         "IMAGEGATE_API_KEYS": json.dumps([{"id": "ml", "key_env": "ML_E2E_KEY"}]),
@@ -123,6 +125,13 @@ def test_text2img_with_strings_and_flags_lora_by_name_and_base64(ml):
     r = post(ml, "/api/v1/enterprise/text2img", {**BODY, "base64": True, "lora_model": "ink", "lora_strength": "0.9"})
     assert r.status_code == 200, r.text
     assert base64.b64decode(r.json()["output"][0]) != plain and r.json()["meta"]["lora"] == "ink"
+    assert answer["nsfw_content_detected"] is False and answer["meta"]["safety_checker"] == "no"
+    # the model's safety checker (this one flags everything), with the treatment asked for
+    r = post(ml, "/api/v6/images/text2img", {**BODY, "safety_checker": "yes", "safety_checker_type": "pixelate"})
+    checked = r.json()
+    assert checked["nsfw_content_detected"] is True and checked["meta"]["safety_checker"] == "yes"
+    pixelated = httpx.get(checked["output"][0]).content
+    assert pixelated != plain and Image.open(io.BytesIO(pixelated)).size == (64, 64)
     # img2img with a base64 init image
     body = {**BODY, "init_image": base64.b64encode(plain).decode(), "strength": "0.6", "base64": "yes"}
     r = post(ml, "/api/v6/images/img2img", body)
@@ -143,7 +152,7 @@ def test_errors_come_in_its_envelope(ml):
         ({**BODY, "scheduler": "DDIMInverseScheduler"}, 400, "inverts"),
         ({**BODY, "width": "2048"}, 400, "1024"),
         ({**BODY, "samples": 5}, 400, "samples"),
-        ({**BODY, "safety_checker": "yes"}, 400, "safety checker"),
+        ({**BODY, "safety_checker": "yes", "safety_checker_type": "sepia"}, 400, "safety_checker_type"),
         ({**BODY, "lora_model": "missing"}, 400, "missing"),
         ({**BODY, "model_id": "nope"}, 404, "Model not found"),
     ]

@@ -441,3 +441,36 @@ async def test_clip_skip_is_applied_where_the_stack_can_and_refused_where_it_can
     assert pictures(plain)[0].tolist() == pictures(again)[0].tolist()
     assert pictures(skipped)[0].tolist() != pictures(plain)[0].tolist()
     assert [started(e).batch_size for e in (plain, skipped, again)] == [2, 1, 2]
+
+
+async def test_the_safety_checker_runs_when_asked_and_treats_what_it_flags(data_dir, tmp_path):
+    from app.worker.protocol import Image as ImageEvent
+    from tests.safety import make_checker
+
+    config = demo_model(str(data_dir))
+    config.safety_checker = str(make_checker(tmp_path / "checker"))
+    engine = Engine("cpu", [config])
+    await engine.start()
+    try:
+        assert engine.health().details[MODEL].safety_checker
+        outcomes = await run_all(
+            engine,
+            *((params(5, safety=how), None, None) for how in (None, "auto", "black", "blur", "pixelate")),
+            (params(5, safety="sensitive_content_text"), None, None),
+        )
+        plain, auto, black, blur, pixelate, notice = (pictures(o)[0] for o in outcomes)
+        nsfw = [next(e.nsfw for e in o if isinstance(e, ImageEvent)) for o in outcomes]
+        assert nsfw == [False, True, True, True, True, True]  # this checker flags everything it is shown
+        assert not black.any() and not auto.any()  # auto: blacked out, as diffusers does
+        for treated in (blur, pixelate, notice):
+            assert treated.any() and treated.tolist() != plain.tolist()
+        assert np.abs(blur.astype(int) - plain).mean() < np.abs(notice.astype(int) - plain).mean()
+    finally:
+        await engine.stop()
+
+
+async def test_a_model_without_a_checker_refuses_a_treatment_and_skips_auto(engine):
+    [refused] = await run_all(engine, (params(6, safety="blur"), None, None))
+    assert isinstance(refused[-1], Failed) and refused[-1].param == "safety_checker"
+    [auto] = await run_all(engine, (params(6, safety="auto"), None, None))
+    assert isinstance(auto[-1], Done)
