@@ -8,8 +8,9 @@ middleware enforces on its path. Live checks: what the app actually answers (JSO
 anonymous and with credentials (admin key, virtual keys in every header, Basic users, per-key limits, the admin
 API, asynchronous jobs and their events, the custom-models inference API, the custom-models API), validates against
 the contract, and so do the Hugging Face dialect's image bytes and ``{"error"}`` envelope and the AUTOMATIC1111
-dialect's answers (its ``info`` JSON string included) and ``{"error", "detail", "body", "errors"}`` envelope. No
-torch: the backend is :class:`FakeBackend`.
+dialect's answers (its ``info`` JSON string included) and ``{"error", "detail", "body", "errors"}`` envelope, and
+the ModelsLab dialect's ``success``/``processing``/``error`` envelopes, fetches, webhook payloads, informational
+answers and ``{"status": "error", "message", "messege"}`` refusals. No torch: the backend is :class:`FakeBackend`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from app.protocol import hf as hf_protocol
 from app.protocol import images as protocol
 from app.protocol import infer as infer_protocol
 from app.protocol import jobs as jobs_protocol
+from app.protocol import modelslab as modelslab_protocol
 from app.services.custom import MAX_IMAGE_BYTES
 from app.worker.protocol import SCHEDULERS
 
@@ -75,6 +77,7 @@ INFER_STRUCTS = module_structs(infer_protocol)
 CUSTOM_STRUCTS = module_structs(custom_protocol)
 HF_STRUCTS = module_structs(hf_protocol)
 A1111_STRUCTS = module_structs(a1111_protocol)
+MODELSLAB_STRUCTS = module_structs(modelslab_protocol)
 WIRE_STRUCTS: list[type[msgspec.Struct]] = [
     *PROTOCOL_STRUCTS,
     *ADMIN_STRUCTS,
@@ -83,6 +86,7 @@ WIRE_STRUCTS: list[type[msgspec.Struct]] = [
     *CUSTOM_STRUCTS,
     *HF_STRUCTS,
     *A1111_STRUCTS,
+    *MODELSLAB_STRUCTS,
     ErrorResponse,
     ErrorBody,
     ErrorEvent,
@@ -115,9 +119,18 @@ REQUEST_STRUCTS = {
     hf_protocol.HandlerRequest,
     a1111_protocol.Txt2Img,
     a1111_protocol.Img2Img,
+    modelslab_protocol.Request,
 }
-# Wire structs documented under another name than their own (the contract's schemas have one namespace); none now.
-SCHEMA_NAMES: dict[type[msgspec.Struct], str] = {}
+# Wire structs documented under another name than their own (the contract's schemas have one namespace).
+SCHEMA_NAMES: dict[type[msgspec.Struct], str] = {
+    modelslab_protocol.Request: "ModelsLabRequest",
+    modelslab_protocol.ErrorBody: "ModelsLabError",
+}
+# Request structs whose fields typed ``Any`` take several JSON forms (app/protocol/modelslab.py ``Request``: a number
+# or a string holding one, "yes"/"no" or a boolean), read by the translation itself (``number``, ``flag``):
+# msgspec's schema of such a field is empty, so the contract states the forms it takes (a ``oneOf``, or no type for
+# any value) and says how it is read; only its default is compared. The live checks send the forms.
+ANY_TYPED_REQUESTS = {modelslab_protocol.Request}
 # Routes that read their body themselves (app/api/uploads.py) instead of through a ``data`` argument:
 # operationId -> {media type: (the contract's body schema, the struct app/api/uploads.py decodes it into)}.
 UPLOAD_BODIES: dict[str, dict[str, tuple[str, type[msgspec.Struct]]]] = {
@@ -129,15 +142,34 @@ UPLOAD_BODIES: dict[str, dict[str, tuple[str, type[msgspec.Struct]]]] = {
         "multipart/form-data": ("ImageVariationMultipartRequest", protocol.ImageVariationRequest),
     },
 }
-# Routes that decode a JSON body themselves (app/api/hf.py: ``hf.decode(await request.body(), ...)``, and
-# app/services/sdapi.py: ``a1111.decode(body, ...)``, leniently) instead of through a ``data`` argument, checked as
-# UPLOAD_BODIES are: operationId -> {media type: (schema, struct)}.
+# Routes that decode a JSON body themselves (app/api/hf.py: ``hf.decode(await request.body(), ...)``,
+# app/services/sdapi.py: ``a1111.decode(body, ...)`` and app/services/modelslab.py: ``modelslab.decode(body)``,
+# leniently) instead of through a ``data`` argument, checked as UPLOAD_BODIES are: operationId -> {media type:
+# (schema, struct)}.
 DECODED_BODIES: dict[str, dict[str, tuple[str, type[msgspec.Struct]]]] = {
     "hfTextToImage": {"application/json": ("TaskRequest", hf_protocol.TaskRequest)},
     "hfHandler": {"application/json": ("HandlerRequest", hf_protocol.HandlerRequest)},
     "sdTxt2Img": {"application/json": ("Txt2Img", a1111_protocol.Txt2Img)},
     "sdImg2Img": {"application/json": ("Img2Img", a1111_protocol.Img2Img)},
+    **{
+        operation_id: {"application/json": ("ModelsLabRequest", modelslab_protocol.Request)}
+        for operation_id in (
+            "mlText2Img",
+            "mlImg2Img",
+            "mlInpaint",
+            "mlFetch",
+            "mlFetchByBody",
+            "mlSystemLoad",
+            "mlSystemDetails",
+            "mlAllModels",
+            "mlModelList",
+            "mlSchedulers",
+        )
+    },
 }
+# Of those, the routes whose body may be left out (``modelslab.decode`` reads no body as ``{}``): the key may come
+# in a header, and they read nothing else, or only an id the path names.
+OPTIONAL_BODIES = {"mlFetch", "mlSystemLoad", "mlSystemDetails", "mlAllModels", "mlModelList", "mlSchedulers"}
 # Routes whose body is a file's raw bytes, read from the request stream (app/api/admin.py, app/api/custom.py):
 # operationId -> the media types the contract declares for it, each ``type: string, format: binary``.
 IMAGE_BYTES = ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
@@ -156,7 +188,19 @@ HEADER_PARAMETERS = {
 }
 # A handler served at several paths has one ``operation_id``, but OpenAPI wants each operation's ``operationId``
 # unique: the operations of its other paths are named here (app/api/hf.py's seed 003 handler, also at ``/predict``).
-OTHER_OPERATION_IDS = {("/hf/endpoints/{model_id}/predict", "POST"): "hfHandlerPredict"}
+# The ModelsLab routes (app/api/modelslab.py) are each served under /api/v6/images (their own id), the enterprise
+# API's /api/v1/enterprise (``mlEnterprise…``) and the SDK's /api/v1/enterprise/images (``mlSdk…``).
+ML_PREFIXES = {"/api/v1/enterprise": "mlEnterprise", "/api/v1/enterprise/images": "mlSdk"}
+ML_ROUTES = {"text2img": "Text2Img", "img2img": "Img2Img", "inpaint": "Inpaint", "fetch/{job_id}": "Fetch"}
+OTHER_OPERATION_IDS = {
+    ("/hf/endpoints/{model_id}/predict", "POST"): "hfHandlerPredict",
+    **{
+        (f"{prefix}/{route}", "POST"): f"{name}{op}"
+        for prefix, name in ML_PREFIXES.items()
+        for route, op in ML_ROUTES.items()
+    },
+    **{(f"{prefix}/fetch", "POST"): f"{name}FetchByBody" for prefix, name in ML_PREFIXES.items()},
+}
 # 2xx statuses a handler answers besides its declared ``status_code``, through a ``Response`` of its own: a job
 # (``Prefer: respond-async``), a cancel still under way, a result not ready yet.
 OTHER_SUCCESSES = {
@@ -175,6 +219,24 @@ SCHEMAS_WITHOUT_STRUCT = {
     "JobServerSentEvent",  # a job event's SSE fields; data is a JobEvent
     *(name for bodies in UPLOAD_BODIES.values() for name, struct in bodies.values() if name != struct.__name__),
     "Health",
+    # The ModelsLab dialect's answers, built as dicts (app/services/modelslab.py ``_answer``, ``_webhook_body``,
+    # app/protocol/modelslab.py ``meta``, the informational routes): checked live. ModelsLabFlag: the forms of a
+    # yes/no field of ModelsLabRequest.
+    "ModelsLabFlag",
+    "ModelsLabMeta",
+    "ModelsLabSuccess",
+    "ModelsLabProcessing",
+    "ModelsLabFailure",
+    "ModelsLabResult",
+    "ModelsLabWebhook",
+    "ModelsLabWebhookSuccess",
+    "ModelsLabWebhookFailed",
+    "ModelsLabSystemLoad",
+    "ModelsLabSystemDetails",
+    "ModelsLabLoadedModel",
+    "ModelsLabAllModels",
+    "ModelsLabModel",
+    "ModelsLabSchedulers",
 }
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
@@ -215,7 +277,16 @@ DECLARED_HEADERS = ("retry-after", "www-authenticate", "x-should-retry")
 ADMIN_KEY = "sk-test-admin"
 # The refusals of routes whose errors come in a dialect's envelope (app/api/errors.py ENVELOPES), by path prefix:
 # status -> the contract's response (an envelope's own, in place of the OpenAI-shaped one).
-DIALECT_REFUSALS = {"/hf/": {"401": "HFUnauthorized"}, "/sdapi/": {"401": "A1111Unauthorized"}}
+DIALECT_REFUSALS = {
+    "/hf/": {"401": "HFUnauthorized"},
+    "/sdapi/": {"401": "A1111Unauthorized"},
+    "/api/": {"401": "ModelsLabUnauthorized"},
+}
+# Routes the auth middleware leaves open because their service authenticates the caller itself, by path prefix: the
+# ModelsLab dialect reads the key from the JSON body, else the credential headers of /v1
+# (app/services/modelslab.py ``_principal``). Their ``security`` is ``{}`` (the key in the body) or any credential
+# header, and they answer 401.
+BODY_KEY_PREFIXES = ("/api/",)
 
 
 # -- fixtures -----------------------------------------------------------------------------------------------------
@@ -587,7 +658,11 @@ def test_operation_security(spec: dict[str, Any]) -> None:
             where = f"{method.upper()} {path}"
             default = middleware._protected(example_path(path), metrics_admin=False)
             when_admin = middleware._protected(example_path(path), metrics_admin=True)
-            if default != when_admin:  # /metrics: open by default, an admin's with metrics_auth = admin
+            if path.startswith(BODY_KEY_PREFIXES):
+                if default != (False, False):
+                    problems.append(f"{where}: the middleware checks it, so a key sent in the body cannot work")
+                expected, refusals = [{}, *ANY_CREDENTIAL], {"401": "Unauthorized"}
+            elif default != when_admin:  # /metrics: open by default, an admin's with metrics_auth = admin
                 expected, refusals = [{}, *ADMIN_CREDENTIAL], {"401": "Unauthorized", "403": "AdminRequired"}
             elif default == (True, True):
                 expected, refusals = ADMIN_CREDENTIAL, {"401": "Unauthorized", "403": "AdminRequired"}
@@ -704,8 +779,9 @@ def test_operations_match_handlers(app: Litestar, spec: dict[str, Any]) -> None:
                 found = ref_name(content.get(media, {}).get("schema", {}))
                 if found != name:
                     problems.append(f"{where}: {media} body is {found!r} in openapi.yaml, {name!r} expected")
-            if not op.get("requestBody", {}).get("required"):
-                problems.append(f"{where}: the request body is required")
+            required = handler.operation_id not in OPTIONAL_BODIES
+            if bool(op.get("requestBody", {}).get("required")) != required:
+                problems.append(f"{where}: the request body is {'required' if required else 'optional'}")
         else:
             body = content.get("application/json", {}).get("schema", {})
             struct, optional = body_type(data.annotation) if data is not None else (None, False)
@@ -817,8 +893,15 @@ def struct_problems(struct: type[msgspec.Struct], schema: dict[str, Any], *, req
     _, components = msgspec.json.schema_components([struct], ref_template="#/components/schemas/{name}")
     code_props = components[name]["properties"]
     for field, code_schema in code_props.items():
-        diff = shape_diff(shape(code_schema), shape(props[field]), narrowing=not request)
-        problems += [f"{name}.{field}: {key} is {a!r} in code, {b!r} in the contract" for key, (a, b) in diff.items()]
+        if struct in ANY_TYPED_REQUESTS and set(code_schema) <= {"default"}:
+            # Typed ``Any``: the contract states the forms the translation takes, and must say how it reads them.
+            if not props[field].get("description"):
+                problems.append(f"{name}.{field}: takes any JSON value in code; the contract must describe its forms")
+        else:
+            diff = shape_diff(shape(code_schema), shape(props[field]), narrowing=not request)
+            problems += [
+                f"{name}.{field}: {key} is {a!r} in code, {b!r} in the contract" for key, (a, b) in diff.items()
+            ]
         if request:
             # A default the server applies by itself (n=1, stream=false, models=['*']) must be in the contract,
             # and only those; msgspec's schema leaves out the ones made by a default_factory.
@@ -963,6 +1046,40 @@ def test_a1111_samplers_documented(spec: dict[str, Any]) -> None:
     if schedules["label"].get("enum") != list(a1111_protocol.SCHEDULES.values()):
         problems.append(f"Schedule.label enum is {schedules['label'].get('enum')}")
     assert not problems, "the sampler table drifted from app/protocol/a1111.py:\n" + "\n".join(problems)
+
+
+def test_modelslab_schedulers_documented(spec: dict[str, Any]) -> None:
+    """The table of ``ModelsLabRequest.scheduler`` is app/protocol/modelslab.py's SCHEDULERS and REFUSED, and the
+    answers that list the accepted names (``schedulers_list``, ``meta.scheduler``) list those."""
+    schemas = spec["components"]["schemas"]
+    text = schemas["ModelsLabRequest"]["properties"]["scheduler"]["description"]
+    rows = {
+        cells[0].strip("`"): cells[1]
+        for line in text.splitlines()
+        if line.startswith("| `") and len(cells := [c.strip() for c in line.strip("|").split("|")]) == 2
+    }
+    problems = []
+    for name, ours in modelslab_protocol.SCHEDULERS.items():
+        row = rows.pop(name, None)
+        if row is None:
+            problems.append(f"{name!r} has no row")
+        elif ours is None and row != f"refused: {modelslab_protocol.REFUSED[name]}":
+            reason = modelslab_protocol.REFUSED[name]
+            problems.append(f"{name!r} is refused in code ({reason!r}), {row!r} in the contract")
+        elif ours is not None and not row.startswith(f"`{ours}`"):
+            problems.append(f"{name!r}: scheduler {row!r} in the contract, {ours!r} in code")
+    if rows:
+        problems.append(f"rows for scheduler names the code does not know: {sorted(rows)}")
+    karras = text.split("| `DPMSolverMultistepScheduler` |")[-1].splitlines()[0]
+    if "`dpmpp_2m_karras`" not in karras:
+        problems.append("DPMSolverMultistepScheduler with use_karras_sigmas must be documented as dpmpp_2m_karras")
+    accepted = [name for name, ours in modelslab_protocol.SCHEDULERS.items() if ours is not None]
+    listed = schemas["ModelsLabSchedulers"]["properties"]["schedulers"]["items"]["enum"]
+    if listed != accepted:
+        problems.append(f"ModelsLabSchedulers lists {listed}, the code accepts {accepted}")
+    if schemas["ModelsLabMeta"]["properties"]["scheduler"]["enum"] != ["default", *accepted]:
+        problems.append("ModelsLabMeta.scheduler must list `default` and the accepted names")
+    assert not problems, "the scheduler table drifted from app/protocol/modelslab.py:\n" + "\n".join(problems)
 
 
 # -- 4. the served contract ---------------------------------------------------------------------------------------
@@ -2054,9 +2171,9 @@ def test_live_sdapi_dialect_conforms(tmp_path: Path, spec: dict[str, Any]) -> No
             "scheduler": "Karras",
             "samples_format": "jpg",
             "override_settings": {"sd_model_checkpoint": DEMO_MODEL},
-            "save_images": False,
         }
-        answer = generated("txt2img", loose, 1, "JPEG")
+        # keys imagegate does not read are not echoed (SillyTavern forwards its own, its `auth` among them)
+        answer = generated("txt2img", {**loose, "save_images": False, "auth": "user:secret"}, 1, "JPEG")
         assert answer["parameters"] == loose and json.loads(answer["info"])["all_seeds"] == [7]
 
         # img2img: base64 (and data: URL) images; init_images and mask are not echoed.
@@ -2141,3 +2258,229 @@ def test_live_sdapi_progress_and_interrupt_conform(tmp_path: Path, spec: dict[st
         (answer,) = answers
         assert answer.status_code == 200, answer.text
         assert check_response(spec, f"{SD}/txt2img", "POST", answer)["images"] == []
+
+
+# -- 12. the ModelsLab dialect, live ------------------------------------------------------------------------------
+
+ML = "/api/v6/images"
+ML_ENTERPRISE = "/api/v1/enterprise"
+ML_SDK = "/api/v1/enterprise/images"
+ML_FETCH = "fetch/{job_id}"
+
+
+def ml_error(
+    client: TestClient, spec: dict[str, Any], path: str, status: int, template: str | None = None, **kw: Any
+) -> str:
+    """POST to an ``/api/`` route, assert a ``ModelsLabError`` with ``status`` that conforms; returns its message."""
+    body = call_checked(client, spec, "POST", path, status, template, **kw)
+    assert body["status"] == "error" and body["message"] and body["messege"] == body["message"], body
+    return body["message"]
+
+
+def ml_webhook(client: TestClient, spec: dict[str, Any], job_id: int) -> dict[str, Any]:
+    """The webhook payload the job layer would deliver for the job now (the dialect's payload hook), conforming."""
+    app = client.app
+    record = app.state.jobs.store.get(str(job_id))
+    payload = json.loads(app.state.jobs.payloads["modelslab"](record))
+    errors = validate(payload, {"$ref": "#/components/schemas/ModelsLabWebhook"}, spec, "webhook")
+    assert not errors, "the ModelsLab webhook payload drifted from openapi.yaml:\n" + "\n".join(errors)
+    return payload
+
+
+def test_live_modelslab_dialect_conforms(tmp_path: Path, spec: dict[str, Any]) -> None:
+    keys = [{"id": "alice", "key_sha256": hashlib.sha256(b"sk-alice").hexdigest()}]
+    alice = bearer("sk-alice")
+    settings = secured_settings(tmp_path, api_keys=keys, job_poll_interval=0.01, modelslab_wait=10)
+    accepted = [name for name, ours in modelslab_protocol.SCHEDULERS.items() if ours is not None]
+    with TestClient(fake_app(settings)) as client:
+
+        def call(path: str, template: str | None = None, **kw: Any) -> Any:
+            return call_checked(client, spec, "POST", path, 200, template, **kw)
+
+        # text2img as seed 004 sends it, every value a string: done within the wait, so `success`.
+        seeded = {
+            "key": "sk-alice",
+            "model_id": DEMO_MODEL,
+            "prompt": "a cat",
+            "negative_prompt": "blur",
+            "width": "64",
+            "height": "64",
+            "samples": "2",
+            "num_inference_steps": "2",
+            "guidance_scale": "7.5",
+            "seed": "7",
+            "scheduler": "UniPCMultistepScheduler",
+            "use_karras_sigmas": "yes",
+            "algorithm_type": "none",
+            "safety_checker": "no",
+            "enhance_prompt": "no",
+            "tomesd": "yes",
+            "clip_skip": "1",
+            "lora_model": None,
+            "vae": None,
+            "base64": "no",
+            "temp": "no",
+            "webhook": "https://hooks.example.com/modelslab",
+            "track_id": "t-1",
+            "panorama": "no",
+            "upscale": "no",
+        }
+        done = call(f"{ML}/text2img", json=seeded)
+        meta = done["meta"]
+        assert done["status"] == "success" and len(done["output"]) == 2 and done["proxy_links"] == done["output"]
+        assert (meta["W"], meta["H"], meta["seed"], meta["steps"], meta["n_samples"]) == (64, 64, 7, 2, 2), meta
+        assert (meta["scheduler"], meta["track_id"], meta["id"]) == ("UniPCMultistepScheduler", "t-1", str(done["id"]))
+        assert done["webhook_status"] == "success" and meta["output"] == done["output"]
+        for url in done["output"]:
+            response = client.get(url)
+            assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (64, 64)
+            check_response(spec, "/files/jobs/{name}", "GET", response)
+        assert ml_webhook(client, spec, done["id"]) == {**done, "track_id": "t-1"}
+
+        # Fetch, at every prefix: by path (body key, or a credential header and no body) and by body (id as
+        # number or string): the same envelope.
+        for prefix in (ML, ML_ENTERPRISE, ML_SDK):
+            path, template = f"{prefix}/fetch/{done['id']}", f"{prefix}/{ML_FETCH}"
+            assert call(path, template, json={"key": "sk-alice"}) == done
+            assert call(path, template, headers=alice) == done
+            for request_id in (done["id"], str(done["id"])):
+                assert call(f"{prefix}/fetch", json={"key": "sk-alice", "request_id": request_id}) == done
+
+        # JSON numbers and booleans, at the enterprise and SDK paths; base64: the images themselves.
+        typed = {
+            "key": "sk-alice",
+            "model_id": DEMO_MODEL,
+            "prompt": "a cat",
+            "width": 64,
+            "height": 64,
+            "samples": 1,
+            "num_inference_steps": 2,
+            "seed": 3,
+            "safety_checker": False,
+            "base64": True,
+        }
+        for prefix in (ML_ENTERPRISE, ML_SDK):
+            answer = call(f"{prefix}/text2img", json=typed)
+            (image,) = answer["output"]
+            assert Image.open(io.BytesIO(base64.b64decode(image, validate=True))).size == (64, 64)
+            assert answer["meta"]["base64"] == "yes" and answer["webhook_status"] == ""
+            assert ml_webhook(client, spec, answer["id"])["track_id"] is None
+
+        # img2img (base64 input with base64: yes) and inpaint (data: URLs), at each prefix; a prompt enhanced.
+        init = base64.b64encode(png(64, 64)).decode()
+        mask = data_url(png(64, 64, "L"))
+        for prefix in (ML, ML_ENTERPRISE, ML_SDK):
+            answer = call(f"{prefix}/img2img", json={**typed, "init_image": init, "strength": "0.5"})
+            assert answer["status"] == "success" and answer["meta"]["n_samples"] == 1, answer["meta"]
+            inpaint = {**typed, "base64": "no", "init_image": data_url(png(64, 64)), "mask_image": mask}
+            assert call(f"{prefix}/inpaint", json=inpaint)["status"] == "success"
+        enhanced = call(f"{ML}/text2img", json={**typed, "enhance_prompt": "yes"})["meta"]
+        assert enhanced["enhance_prompt"] == "yes" and enhanced["prompt"] != "a cat", enhanced
+        # The safety checker asked for (the fake backend flags nothing), a layer of the text encoder skipped.
+        checked = call(f"{ML}/text2img", json={**typed, "safety_checker": "yes", "safety_checker_type": "Blur"})
+        assert checked["nsfw_content_detected"] is False, checked
+        assert (checked["meta"]["safety_checker"], checked["meta"]["safety_checker_type"]) == ("yes", "blur")
+        assert call(f"{ML}/text2img", json={**typed, "clip_skip": 2})["meta"]["clip_skip"] == 2
+
+        # The informational routes: body key, or a credential header and no body.
+        for kw in ({"json": {"key": "sk-alice"}}, {"headers": alice}):
+            load = call("/api/v3/system_load", **kw)
+            assert load["status"] == "ok" and load["queue_num"] == 0, load
+            assert call(f"{ML_ENTERPRISE}/system_details", **kw)["model_count"] == 1
+            assert call(f"{ML_ENTERPRISE}/get_all_models", **kw)["models"][0]["model_id"] == DEMO_MODEL
+            assert [m["model_id"] for m in call("/api/v4/dreambooth/model_list", **kw)] == [DEMO_MODEL]
+            assert call(f"{ML_ENTERPRISE}/schedulers_list", **kw)["schedulers"] == accepted
+
+        # Refusals, in the {"status": "error"} envelope with imagegate's statuses. A wrong key in the body (even
+        # beside a good header), a wrong header, none at all: 401 with WWW-Authenticate.
+        gen = f"{ML}/text2img"
+        for kw in (
+            {"json": {**typed, "key": "sk-nope"}},
+            {"json": {**typed, "key": "sk-nope"}, "headers": alice},
+            {"json": {**typed, "key": None}, "headers": bearer("sk-nope")},
+            {"json": {**typed, "key": None}},
+        ):
+            ml_error(client, spec, gen, 401, **kw)
+            response = client.post(gen, **kw)
+            assert response.headers["www-authenticate"] == 'Bearer realm="imagegate"'
+        for path, template in (
+            (f"{ML_SDK}/fetch/{done['id']}", f"{ML_SDK}/{ML_FETCH}"),
+            ("/api/v3/system_load", None),
+            ("/api/v4/dreambooth/model_list", None),
+            (f"{ML_ENTERPRISE}/schedulers_list", None),
+        ):
+            ml_error(client, spec, path, 401, template, json={"key": "sk-nope"})
+        # 400: no prompt, no model, refused schedulers (with their reason), features imagegate does not run, values
+        # out of range or of the wrong form, img2img without its image, a webhook to a private address.
+        assert ml_error(client, spec, gen, 400, json={**typed, "prompt": "  "}) == "The prompt field is required."
+        ml_error(client, spec, gen, 400, json={**typed, "model_id": None})
+        for name, reason in modelslab_protocol.REFUSED.items():
+            assert reason in ml_error(client, spec, gen, 400, json={**typed, "scheduler": name})
+        bad_values = [
+            {"scheduler": "FancyScheduler"},
+            {"algorithm_type": "dpmsolver+++"},
+            {"vae": "sdxl-vae"},
+            {"upscale": "yes"},
+            {"panorama": True},
+            {"clip_skip": "9"},
+            {"width": "65"},
+            {"samples": "5"},
+            {"guidance_scale": "25"},
+            {"num_inference_steps": "2.5"},
+            {"enhance_prompt": "maybe"},
+            {"safety_checker": "yes", "safety_checker_type": "smudge"},
+            {"lora_model": "ink", "lora_strength": "0.5,0.5"},
+            {"webhook": "http://127.0.0.1:9/hook"},
+        ]
+        for bad in bad_values:
+            ml_error(client, spec, gen, 400, json={**typed, **bad})
+        ml_error(client, spec, f"{ML_ENTERPRISE}/img2img", 400, json=typed)
+        ml_error(client, spec, f"{ML_SDK}/inpaint", 400, json={**typed, "init_image": init})
+        ml_error(client, spec, gen, 400, content=b"key=sk-alice")
+        ml_error(client, spec, "/api/v3/system_load", 400, json=["sk-alice"])
+        # 404: an unknown model; a fetch of no such generation (or another API's job).
+        assert ml_error(client, spec, gen, 404, json={**typed, "model_id": "sdxl"}) == "Model not found: sdxl"
+        for path, template in ((f"{ML}/fetch/123456789012345", f"{ML}/{ML_FETCH}"), (f"{ML_ENTERPRISE}/fetch", None)):
+            ml_error(client, spec, path, 404, template, json={"key": "sk-alice", "request_id": 123456789012345})
+        ml_error(client, spec, f"{ML}/fetch/job_1", 400, f"{ML}/{ML_FETCH}", json={"key": "sk-alice"})
+        ml_error(client, spec, f"{ML}/fetch", 400, json={"key": "sk-alice"})
+        too_large = b"x" * (settings.max_body_size + 1)
+        ml_error(client, spec, gen, 413, content=too_large, headers=alice)
+
+
+def test_live_modelslab_processing_conforms(tmp_path: Path, spec: dict[str, Any]) -> None:
+    """Past ``modelslab_wait``: ``processing`` with future links that are a 404 until done, fetched until
+    ``success``; a cancelled generation fetches as ``error`` and its webhook says ``failed``."""
+    overrides = {"data_dir": str(tmp_path), "job_poll_interval": 0.01, "modelslab_wait": 0}
+    with TestClient(fake_app(load_settings(environ={}, overrides=overrides), step_delay=0.02)) as client:
+        body = {"model_id": DEMO_MODEL, "prompt": "a cat", "width": "64", "height": "64", "num_inference_steps": "20"}
+        waiting = call_checked(client, spec, "POST", f"{ML}/text2img", 200, json={**body, "track_id": 42})
+        assert waiting["status"] == "processing" and waiting["output"] == [], waiting
+        assert waiting["fetch_result"] == f"http://testserver.local{ML}/fetch/{waiting['id']}", waiting
+        (link,) = waiting["future_links"]
+        response = client.get(link)
+        assert response.status_code == 404, response.text
+        check_response(spec, "/files/jobs/{name}", "GET", response)
+        fetched = waiting
+        for _ in range(500):
+            fetched = call_checked(client, spec, "POST", waiting["fetch_result"], 200, f"{ML}/{ML_FETCH}", json={})
+            if fetched["status"] != "processing":
+                break
+            time.sleep(0.01)
+        assert fetched["status"] == "success" and fetched["output"] == [link], fetched
+        assert fetched["meta"]["track_id"] == 42 and client.get(link).status_code == 200
+        assert ml_webhook(client, spec, waiting["id"])["track_id"] == 42
+
+        # Cancelled while processing (through the job layer): fetch answers `error`, the webhook `failed`.
+        edit = {**body, "init_image": data_url(png(64, 64))}
+        waiting = call_checked(client, spec, "POST", f"{ML_SDK}/img2img", 200, json=edit)
+        assert waiting["status"] == "processing", waiting
+        assert client.post(f"/v1/jobs/{waiting['id']}/cancel").status_code in (200, 202)
+        for _ in range(500):
+            failed = call_checked(client, spec, "POST", f"{ML}/fetch", 200, json={"request_id": str(waiting["id"])})
+            if failed["status"] != "processing":
+                break
+            time.sleep(0.01)
+        assert failed["status"] == "error" and failed["id"] == waiting["id"], failed
+        webhook = ml_webhook(client, spec, waiting["id"])
+        assert webhook == {"status": "failed", "id": waiting["id"], "message": webhook["message"], "track_id": None}
