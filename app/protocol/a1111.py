@@ -260,6 +260,7 @@ def edit(model: str, req: Img2Img, first_seed: int) -> ImageEditJsonRequest:
     prompt, loras = _prompt(req.prompt)
     return checked_request(
         ImageEditJsonRequest,
+        moderation="low",  # A1111 runs no safety checker
         model=model,
         prompt=prompt,
         images=[{"image_url": _data_url(req.init_images[0])}],

@@ -73,6 +73,7 @@ class _ImageOptions(_JobOptions, kw_only=True):
     scheduler: str | None = None
     clip_skip: Annotated[int, Meta(ge=1, le=12)] | None = None
     """The text encoder's layer to take, counted from the end as AUTOMATIC1111 does (1: the last, no skip)."""
+    moderation: Literal["low", "auto"] | None = None
     safety_checker: Literal["black", "blur", "pixelate", "sensitive_content_text"] | None = None
     """Run the model's NSFW checker and treat what it flags so (a 400 if the model has none); by default a model's
     checker blacks out what it flags unless ``moderation`` is ``low``."""
@@ -83,7 +84,6 @@ class ImageGenerateRequest(_ImageOptions, kw_only=True):
 
     prompt: Annotated[str, Meta(min_length=1, max_length=32000)]
     loras: Annotated[list[LoraSpec], Meta(max_length=16)] | None = None
-    moderation: Literal["low", "auto"] | None = None
     style: Literal["vivid", "natural"] | None = None
 
 

@@ -133,6 +133,8 @@ def number(value: Any, name: str, kind: type = int) -> Any:
     """An int or float sent as a number or a string; None stays None."""
     if value is None or value == "":
         return None
+    if isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be a number, not {value!r}.", param=name)
     try:
         result = kind(float(value)) if kind is int else kind(value)
     except (TypeError, ValueError):
@@ -194,6 +196,8 @@ def check(req: Request) -> None:
     for name in UNSUPPORTED_FLAGS:
         if flag(getattr(req, name), name):
             raise InvalidRequest(f"{name} is not supported by this server; send no.", param=name)
+    for name in ("temp", "base64", "tomesd", "enhance_prompt"):  # read later: refuse a bad one before anything runs
+        flag(getattr(req, name), name)
     if req.vae not in (None, "", "null", "none", "None"):
         raise InvalidRequest(f"The VAE {req.vae!r} is not available; leave vae out to use the model's.", param="vae")
     clip_skip = number(req.clip_skip, "clip_skip")

@@ -293,6 +293,27 @@ class ImageService:
                 f"The model '{model.name}' does not support {TASK_NAMES[task]}.", param=param, code="unsupported"
             )
 
+    def _extras(self, model: ModelConfig, req: ImageGenerateRequest | ImageEditRequest) -> None:
+        """Refuse ``safety_checker`` and ``clip_skip`` where the model's workers said they cannot apply them."""
+        details = self.pool.details(model.name)
+        if details is None:  # no worker has said yet: the worker refuses it, if it must
+            return
+        if req.safety_checker and not details.safety_checker:
+            raise InvalidRequest(
+                f"The model '{model.name}' has no safety checker (configure safety_checker for it).",
+                param="safety_checker",
+            )
+        if req.clip_skip and req.clip_skip > 1 and not details.clip_skip:
+            raise InvalidRequest(
+                f"The model '{model.name}' cannot skip text-encoder layers (clip_skip) on this server.",
+                param="clip_skip",
+            )
+
+    @staticmethod
+    def _clip_skip(req: ImageGenerateRequest | ImageEditRequest) -> int | None:
+        """The request's ``clip_skip`` (AUTOMATIC1111's count, 1: no skip) as diffusers counts it."""
+        return req.clip_skip - 1 if req.clip_skip and req.clip_skip > 1 else None
+
     def _loras(
         self, model: ModelConfig, req: ImageGenerateRequest | ImageEditRequest, principal: Principal
     ) -> tuple[LoraRef, ...]:
@@ -318,6 +339,7 @@ class ImageService:
         guidance = self._guidance(model, req.guidance_scale)
         scheduler = self._scheduler(model, req.scheduler)
         self._opaque(model, req.background)
+        self._extras(model, req)
         params = GenerationParams(
             model=model.name,
             prompt=req.prompt,
@@ -334,8 +356,8 @@ class ImageService:
             output_compression=req.output_compression,
             request_id=f"img_{_request_id()}",
             loras=self._loras(model, req, principal),
-            clip_skip=_clip_skip(req.clip_skip),
-            safety=req.safety_checker or (None if getattr(req, "moderation", None) == "low" else "auto"),
+            clip_skip=self._clip_skip(req),
+            safety=req.safety_checker or (None if req.moderation == "low" else "auto"),
         )
         return Job(
             params=params,
@@ -415,6 +437,7 @@ class ImageService:
         else:
             strength = model.edit_strength
         steps = max(steps, math.ceil(1 / strength))  # diffusers runs int(steps x strength) steps: at least one
+        self._extras(model, req)
         params = GenerationParams(
             model=model.name,
             prompt=req.prompt or "",
@@ -435,8 +458,8 @@ class ImageService:
             image_bytes=image.size,
             mask_bytes=mask.size if mask is not None else 0,
             loras=self._loras(model, req, principal) if task != "background_removal" else (),
-            clip_skip=_clip_skip(req.clip_skip),
-            safety=req.safety_checker or (None if getattr(req, "moderation", None) == "low" else "auto"),
+            clip_skip=self._clip_skip(req),
+            safety=req.safety_checker or (None if req.moderation == "low" else "auto"),
         )
         return Job(
             params=params,
@@ -746,8 +769,3 @@ class EventStream:
         self._job.finish()  # a no-op for the ticket if the stream ran: its end already finished it
         if self._dispatch.release():
             metrics.IMAGES.labels(self._dispatch.params.model, "cancelled").inc(self._job.params.n)
-
-
-def _clip_skip(value: int | None) -> int | None:
-    """A request's ``clip_skip`` (AUTOMATIC1111's count, 1: no skip) as diffusers counts it (None: no skip)."""
-    return value - 1 if value and value > 1 else None

@@ -242,6 +242,7 @@ class Engine:
                     default_guidance=loaded.family.guidance,
                     lora=loaded.adapters is not None,
                     safety_checker=loaded.safety is not None,
+                    clip_skip=_skips_clip(loaded, "text2img"),
                     trainable=_trainable(loaded.pipe),
                     native_side=_native_side(loaded.pipe),
                 )

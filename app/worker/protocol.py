@@ -397,6 +397,8 @@ class ModelDetails(msgspec.Struct, kw_only=True):
     """Its pipeline loads LoRA adapters."""
     safety_checker: bool = False
     """It has an NSFW checker that requests may ask for."""
+    clip_skip: bool = False
+    """Its pipeline can skip text-encoder layers (``clip_skip``)."""
     trainable: bool = False
     """This worker can train LoRA adapters for it (a UNet model with one text encoder)."""
     native_side: int = 512

@@ -202,3 +202,16 @@ def test_a_job_that_outlives_the_wait_is_fetched_and_its_webhook_sent(ml):
         assert other.status_code == 401
     finally:
         receiver.close()
+
+
+def test_a_safety_checker_asked_of_a_model_without_one_is_refused_before_anything_runs(server):
+    """The session's demo model has no checker: ModelsLab's safety_checker and /v1's are a 400 at once."""
+    r = httpx.post(f"{server.url}/api/v6/images/text2img", json={**BODY, "key": "", "safety_checker": "yes"})
+    assert r.status_code == 400 and "no safety checker" in r.json()["message"], r.text
+    r = httpx.post(
+        f"{server.url}/v1/images/generations",
+        json={"model": MODEL, "prompt": "a fox", "size": "64x64", "safety_checker": "blur"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "safety_checker", r.text
+    jobs = httpx.get(f"{server.url}/v1/jobs").json()["data"]
+    assert not [j for j in jobs if j["status"] in ("queued", "running")]  # nothing was queued for it
