@@ -78,6 +78,11 @@ def test_errors_come_in_the_error_envelope(keyed):
     assert "inputs" in httpx.post(url, json={"parameters": {}}, headers=auth).json()["error"]
     r = httpx.post(f"{keyed.url}/hf/models/nope", json={"inputs": "x"}, headers=auth)
     assert r.status_code == 404 and "nope" in r.json()["error"]
+    # the other dialects refuse a bad key in their own envelopes too
+    r = httpx.get(f"{keyed.url}/sdapi/v1/options", headers={"authorization": "Basic d3Jvbmc6a2V5"})
+    assert r.status_code == 401 and set(r.json()) == {"error", "detail", "body", "errors"}
+    r = httpx.post(f"{keyed.url}/api/v6/images/text2img", json={"key": "wrong", "model_id": MODEL, "prompt": "x"})
+    assert r.status_code == 401 and r.json()["status"] == "error"
 
 
 def test_the_real_inference_client_and_seed_003s_requests_example(server):

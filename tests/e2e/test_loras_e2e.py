@@ -102,3 +102,15 @@ def test_requests_with_other_adapter_sets_never_share_a_batch(lora_server):
     # would make it 4 each)
     assert after["count"] - before["count"] == 5
     assert after["sum"] - before["sum"] == 1 + 2 * 4
+
+
+def test_lora_tags_in_an_automatic1111_prompt(lora_server):
+    """`<lora:name:weight>` in an /sdapi prompt applies the adapter as `loras` does on /v1."""
+    body = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 4, "seed": 3}
+    plain = httpx.post(f"{lora_server.url}/sdapi/v1/txt2img", json=body, timeout=120).json()["images"][0]
+    tagged = httpx.post(
+        f"{lora_server.url}/sdapi/v1/txt2img", json={**body, "prompt": "a red fox <lora:ink:0.8>"}, timeout=120
+    )
+    assert tagged.status_code == 200, tagged.text
+    assert tagged.json()["images"][0] != plain
+    assert json.loads(tagged.json()["info"])["prompt"] == "a red fox"  # the tag is not part of the prompt
