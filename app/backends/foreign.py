@@ -113,6 +113,31 @@ class _Foreign:
             )
         return None
 
+    async def generate(
+        self, params: GenerationParams, attachments: Sequence[BinaryIO] = ()
+    ) -> AsyncIterator[WorkerEvent]:
+        """Started, each image (in the format asked for), Done; a Failed for what the upstream refuses."""
+        refusal = self._refusal(params)
+        if refusal is not None:
+            yield refusal
+            return
+        t0 = time.monotonic()
+        yield Started(queue_seconds=0.0)
+        try:
+            async for i, data in self._images(params, attachments, t0 + self.config.timeout):
+                encoded = await asyncio.to_thread(_encoded, data, params.output_format)
+                yield Image(index=i, data=encoded, seed=params.seed + i)
+        except _Refused as e:
+            yield Failed(e.message, e.kind)
+            return
+        yield Done(seconds=time.monotonic() - t0)
+
+    def _images(
+        self, params: GenerationParams, attachments: Sequence[BinaryIO], deadline: float
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """(index, image bytes as the API sent them) for each image; raises _Refused or BackendFailed."""
+        raise NotImplementedError
+
     def _health(self, models_ready: bool, detail: str = "") -> HealthInfo:
         return HealthInfo(
             status="ready" if models_ready else "loading",
@@ -185,25 +210,11 @@ class HFEndpointBackend(_Foreign):
                 raise BackendFailed(f"upstream {self.name} answered JSON where an image was expected")
             return data
 
-    async def generate(
-        self, params: GenerationParams, attachments: Sequence[BinaryIO] = ()
-    ) -> AsyncIterator[WorkerEvent]:
-        refusal = self._refusal(params)
-        if refusal is not None:
-            yield refusal
-            return
-        t0 = time.monotonic()
-        deadline = t0 + self.config.timeout
-        yield Started(queue_seconds=0.0)
+    async def _images(
+        self, params: GenerationParams, attachments: Sequence[BinaryIO], deadline: float
+    ) -> AsyncIterator[tuple[int, bytes]]:
         for i in range(params.n):
-            try:
-                data = await self._one(params, params.seed + i, deadline)
-            except _Refused as e:
-                yield Failed(e.message, e.kind)
-                return
-            encoded = await asyncio.to_thread(_encoded, data, params.output_format)
-            yield Image(index=i, data=encoded, seed=params.seed + i)
-        yield Done(seconds=time.monotonic() - t0)
+            yield i, await self._one(params, params.seed + i, deadline)
 
     async def health(self) -> HealthInfo:
         """The toolkit's ``GET /health`` (task mode: the URL itself): ready, or loading while it scales up."""
@@ -338,51 +349,35 @@ class ModelsLabBackend(_Foreign):
             return _b64(data.decode(errors="replace").strip(), self.name)
         return _b64(item, self.name)
 
-    async def generate(
-        self, params: GenerationParams, attachments: Sequence[BinaryIO] = ()
-    ) -> AsyncIterator[WorkerEvent]:
-        refusal = self._refusal(params)
-        if refusal is not None:
-            yield refusal
-            return
-        t0 = time.monotonic()
-        deadline = t0 + self.config.timeout
+    async def _images(
+        self, params: GenerationParams, attachments: Sequence[BinaryIO], deadline: float
+    ) -> AsyncIterator[tuple[int, bytes]]:
         body = self._body(params)
-        path = {"text2img": "text2img", "img2img": "img2img", "inpaint": "inpaint"}[params.task]
         if params.task != "text2img":
             files = [await asyncio.to_thread(_read, f) for f in attachments[:2]]
             body.update(base64=True, strength=params.strength, init_image=base64.b64encode(files[0]).decode())
             if params.task == "inpaint" and len(files) > 1:
                 body["mask_image"] = base64.b64encode(files[1]).decode()
-        yield Started(queue_seconds=0.0)
-        try:
-            answer = await self._post(f"{self._base}/images/{path}", body)
-            fetch = str(answer.get("fetch_result") or f"{self._base}/images/fetch/{answer.get('id')}")
-            while answer.get("status") == "processing":  # a fetch still processing says neither id nor where
-                if time.monotonic() > deadline:
-                    raise BackendFailed(f"upstream {self.name} did not finish within {self.config.timeout:g}s")
-                eta = float(answer.get("eta") or 0)
-                await asyncio.sleep(max(self.config.poll_interval, min(eta, 10.0)))
-                answer = await self._post(fetch, {"key": self.key})
-            if answer.get("status") != "success":
-                message = answer.get("message") or answer.get("messege") or "the generation failed"
-                yield Failed(f"upstream {self.name}: {message}", "generation_failed")
-                return
-            output = answer.get("output") or answer.get("proxy_links") or []
-            if isinstance(output, dict):
-                output = [output[k] for k in sorted(output)]
-            elif isinstance(output, str):
-                output = [output]
-            if len(output) < params.n:
-                raise BackendFailed(f"upstream {self.name} sent {len(output)} of {params.n} images")
-        except _Refused as e:
-            yield Failed(e.message, e.kind)
-            return
+        answer = await self._post(f"{self._base}/images/{params.task}", body)
+        fetch = str(answer.get("fetch_result") or f"{self._base}/images/fetch/{answer.get('id')}")
+        while answer.get("status") == "processing":  # a fetch still processing says neither id nor where
+            if time.monotonic() > deadline:
+                raise BackendFailed(f"upstream {self.name} did not finish within {self.config.timeout:g}s")
+            eta = float(answer.get("eta") or 0)
+            await asyncio.sleep(max(self.config.poll_interval, min(eta, 10.0)))
+            answer = await self._post(fetch, {"key": self.key})
+        if answer.get("status") != "success":
+            message = answer.get("message") or answer.get("messege") or "the generation failed"
+            raise _Refused(f"upstream {self.name}: {message}", "generation_failed")
+        output = answer.get("output") or answer.get("proxy_links") or []
+        if isinstance(output, dict):
+            output = [output[k] for k in sorted(output)]
+        elif isinstance(output, str):
+            output = [output]
+        if len(output) < params.n:
+            raise BackendFailed(f"upstream {self.name} sent {len(output)} of {params.n} images")
         for i, item in enumerate(output[: params.n]):
-            data = await self._image(item)
-            encoded = await asyncio.to_thread(_encoded, data, params.output_format)
-            yield Image(index=i, data=encoded, seed=params.seed + i)
-        yield Done(seconds=time.monotonic() - t0)
+            yield i, await self._image(item)
 
     async def health(self) -> HealthInfo:
         """``system_load`` (next to the API's versioned base): reachable and ``ok`` is ready."""

@@ -230,54 +230,43 @@ def seed(req: Txt2Img) -> int:
     return secrets.randbelow(2**31) if req.seed < 0 else min(req.seed, MAX_SEED)
 
 
-def generation(model: str, req: Txt2Img, first_seed: int) -> ImageGenerateRequest:
+def _fields(model: str, req: Txt2Img, first_seed: int) -> dict[str, Any]:
+    """The image request's fields both routes share (the request checked first)."""
     _check(req)
     prompt, loras = _prompt(req.prompt)
-    return checked_request(
-        ImageGenerateRequest,
-        moderation="low",  # A1111 runs no safety checker
-        model=model,
-        prompt=prompt,
-        negative_prompt=req.negative_prompt or None,
-        n=max(1, req.batch_size) * max(1, req.n_iter),
-        size=f"{req.width}x{req.height}",
-        seed=first_seed,
-        num_inference_steps=req.steps,
-        guidance_scale=req.cfg_scale,
-        scheduler=scheduler(req),
-        output_format=_format(req.samples_format),
-        response_format="url",
-        partial_images=3,
-        loras=loras,
-        clip_skip=req.override_settings.get("CLIP_stop_at_last_layers"),
-    )
+    return {
+        "moderation": "low",  # A1111 runs no safety checker
+        "model": model,
+        "prompt": prompt,
+        "negative_prompt": req.negative_prompt or None,
+        "n": max(1, req.batch_size) * max(1, req.n_iter),
+        "size": f"{req.width}x{req.height}",
+        "seed": first_seed,
+        "num_inference_steps": req.steps,
+        "guidance_scale": req.cfg_scale,
+        "scheduler": scheduler(req),
+        "output_format": _format(req.samples_format),
+        "response_format": "url",
+        "partial_images": 3,
+        "loras": loras,
+        "clip_skip": req.override_settings.get("CLIP_stop_at_last_layers"),
+    }
+
+
+def generation(model: str, req: Txt2Img, first_seed: int) -> ImageGenerateRequest:
+    return checked_request(ImageGenerateRequest, **_fields(model, req, first_seed))
 
 
 def edit(model: str, req: Img2Img, first_seed: int) -> ImageEditJsonRequest:
-    _check(req)
+    fields = _fields(model, req, first_seed)
     if not req.init_images:
         raise InvalidRequest("init_images needs one image.", param="init_images")
-    prompt, loras = _prompt(req.prompt)
     return checked_request(
         ImageEditJsonRequest,
-        moderation="low",  # A1111 runs no safety checker
-        model=model,
-        prompt=prompt,
+        **fields,
         images=[{"image_url": _data_url(req.init_images[0])}],
         mask={"image_url": _data_url(req.mask)} if req.mask else None,
-        negative_prompt=req.negative_prompt or None,
-        n=max(1, req.batch_size) * max(1, req.n_iter),
-        size=f"{req.width}x{req.height}",
-        seed=first_seed,
-        num_inference_steps=req.steps,
-        guidance_scale=req.cfg_scale,
-        scheduler=scheduler(req),
         strength=req.denoising_strength,
-        output_format=_format(req.samples_format),
-        response_format="url",
-        partial_images=3,
-        loras=loras,
-        clip_skip=req.override_settings.get("CLIP_stop_at_last_layers"),
     )
 
 
