@@ -515,8 +515,8 @@ class CustomModelService:
             )
         previews = [
             _data_url(path, "png")
-            for e in self.jobs.store.events(job.id)
-            if e.type == "preview" and (path := self.preview_dir / e.data["file"]).is_file()
+            for e in self.jobs.store.events(job.id, type="preview")  # not the many progress events
+            if (path := self.preview_dir / e.data["file"]).is_file()
         ]
         return Training(
             id=training.id,

@@ -295,6 +295,8 @@ class ImageService:
 
     def _extras(self, model: ModelConfig, req: ImageGenerateRequest | ImageEditRequest) -> None:
         """Refuse ``safety_checker`` and ``clip_skip`` where the model's workers said they cannot apply them."""
+        if not req.safety_checker and not (req.clip_skip and req.clip_skip > 1):
+            return  # most requests: no scan of the pool
         details = self.pool.details(model.name)
         if details is None:  # no worker has said yet: the worker refuses it, if it must
             return

@@ -494,6 +494,18 @@ class JobService:
 
     # -- events -------------------------------------------------------------------------------------------------
 
+    async def wait(self, job_id: str, principal: Principal) -> JobRecord:
+        """The job once it has ended (or as it was when it was deleted), without building its events."""
+        job = await self.record(job_id, principal)
+        while True:
+            changed = self._changed  # taken before the read: a change after it wakes the wait below
+            job = await asyncio.to_thread(self.store.get, job_id) or job
+            if job.status in FINISHED:
+                return job
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.job_poll_interval):  # unlike wait_for, never swallows a cancel
+                    await changed.wait()
+
     async def events(self, job_id: str, principal: Principal) -> AsyncIterator[JobEvent]:
         """What happened to the job so far, then what happens, until it ends (or is deleted)."""
         await self.record(job_id, principal)

@@ -101,8 +101,7 @@ class ModelsLabService:
             )
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.modelslab_wait):
-                async for _ in await self.jobs.events(job_id, principal):
-                    pass
+                await self.jobs.wait(job_id, principal)
         return await self._envelope(await self.jobs.record(job_id, principal), base_url)
 
     def _keep(self, job_id: str, request: dict[str, Any]):

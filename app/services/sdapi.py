@@ -117,7 +117,7 @@ class SdApiService:
     ) -> a1111.GenerationResponse:
         """Wait for the job and answer with its images; a client that goes away cancels it."""
         try:
-            record = await self._wait(job_id, principal)
+            record = await self.jobs.wait(job_id, principal)
         except (asyncio.CancelledError, Cancelled):
             await asyncio.shield(self._stop(job_id, principal))
             raise
@@ -131,11 +131,6 @@ class SdApiService:
             parameters=raw,
             info=a1111.info(req, model, first, wire.n, sampler),
         )
-
-    async def _wait(self, job_id: str, principal: Principal) -> JobRecord:
-        async for _ in await self.jobs.events(job_id, principal):
-            pass
-        return await self.jobs.record(job_id, principal)
 
     async def _stop(self, job_id: str, principal: Principal) -> None:
         with contextlib.suppress(NotFound, Conflict):  # gone, or finished meanwhile: nothing to stop

@@ -415,10 +415,13 @@ class JobStore:
         row = self.db.read(lambda c: c.execute(query).first())
         return None if row is None else _event(row)
 
-    def events(self, job_id: str, after: int = 0) -> list[EventRecord]:
+    def events(self, job_id: str, after: int = 0, type: str | None = None) -> list[EventRecord]:
+        """The job's events after the event ``after``, oldest first (only those of ``type``, if given)."""
         query = (
             select(job_events).where(job_events.c.job_id == job_id, job_events.c.id > after).order_by(job_events.c.id)
         )
+        if type is not None:
+            query = query.where(job_events.c.type == type)
         return [_event(row) for row in self.db.read(lambda c: c.execute(query).all())]
 
     def reserved(self, owner: str) -> int:
