@@ -421,6 +421,16 @@ def goals(summary: dict) -> list[dict]:
                         "neither gateway sustained this rate" if held else "this rate was not run (a lower one failed)"
                     )
                 out.append(item)
+            if ig and thin:
+                out.append(
+                    {
+                        "goal": f"{variant}, {rate} req/s: imagegate CPU per request <= 1.25 x thin proxy's",
+                        "imagegate_us": ig["cpu_us_per_request"],
+                        "thin_proxy_us": thin["cpu_us_per_request"],
+                        "ratio": _ratio(ig["cpu_us_per_request"], thin["cpu_us_per_request"]),
+                        "met": ig["cpu_us_per_request"] <= 1.25 * thin["cpu_us_per_request"],
+                    }
+                )
         sr = s["sustainable_rps"]
         if sr.get("imagegate") is not None and sr.get("thin_proxy"):
             out.append(
@@ -526,7 +536,7 @@ def chart(path: Path, runs: list[dict], summary: dict, args: argparse.Namespace)
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for pkg in ("litestar", "uvicorn", "uvloop", "httptools", "aiohttp", "msgspec", "sse-starlette"):
+    for pkg in ("litestar", "uvicorn", "uvloop", "httptools", "aiohttp", "msgspec"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     with contextlib.suppress(OSError, subprocess.CalledProcessError):

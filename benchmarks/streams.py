@@ -326,6 +326,32 @@ def main() -> None:
                 "met": (ig.get("gateway_vmhwm_mb") or 1e9) < 500,
             },
         ]
+        thin = phases.get("thin_proxy")
+        if thin and direct:
+            # Against the thin proxy, what each gateway adds: time to first event beyond the stub's own (a 1 ms
+            # floor, both being near zero), and memory beyond its own idle footprint (imagegate's code is larger).
+            for q in ("p50", "p99"):
+                added = {n: _minus(p, direct, "first_event_from_send_ms", q) for n, p in (("ig", ig), ("thin", thin))}
+                if added["ig"] is not None and added["thin"] is not None:
+                    out["goals"].append(
+                        {
+                            "goal": f"time to first event, added {q}: imagegate <= 1.25 x thin proxy's",
+                            "imagegate_ms": added["ig"],
+                            "thin_proxy_ms": added["thin"],
+                            "met": max(added["ig"], 1.0) <= 1.25 * max(added["thin"], 1.0),
+                        }
+                    )
+            pairs = (("ig", ig), ("thin", thin))
+            grown = {n: round(p["gateway_vmhwm_mb"] - p["gateway_idle_rss_mb"], 1) for n, p in pairs}
+            out["goals"].append(
+                {
+                    "goal": f"memory for {args.streams} streams (peak minus idle): imagegate <= 1.25 x thin proxy's",
+                    "imagegate_mb": grown["ig"],
+                    "thin_proxy_mb": grown["thin"],
+                    "idle_mb": {"imagegate": ig["gateway_idle_rss_mb"], "thin_proxy": thin["gateway_idle_rss_mb"]},
+                    "met": grown["ig"] <= 1.25 * grown["thin"],
+                }
+            )
         if direct:
             out["imagegate_minus_direct_ms"] = {
                 "ttfe_p50": _minus(ig, direct, "first_event_from_send_ms", "p50"),

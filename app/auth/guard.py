@@ -15,6 +15,7 @@ from typing import TypeVar
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
+from prometheus_client import Counter
 
 from app import metrics
 from app.auth.principals import Principal
@@ -86,7 +87,8 @@ class Guard:
     _pending: dict[tuple[str, float], list[int]] = field(default_factory=dict)
     """(principal, start of the hour) -> [requests, images, pixel_steps] ended and not yet written."""
     _flusher: asyncio.Task[None] | None = None
-    _aliases: set[str] = field(default_factory=set)
+    _aliases: dict[str, Counter] = field(default_factory=dict)
+    """Each alias counted under its own label, with its counter."""
 
     reserved: Callable[[str], int] | None = None
     """Images that a principal's unfinished jobs hold against its quota (the job store's count), if jobs exist."""
@@ -160,9 +162,13 @@ class Guard:
     def count_images(self, alias: str, images: int) -> None:
         """Count delivered images per key alias (the first :data:`MAX_ALIAS_LABELS` aliases, then ``other``)."""
         if images:
-            if alias not in self._aliases and len(self._aliases) < MAX_ALIAS_LABELS:
-                self._aliases.add(alias)
-            metrics.KEY_IMAGES.labels(alias if alias in self._aliases else "other").inc(images)
+            counter = self._aliases.get(alias)
+            if counter is None:
+                if len(self._aliases) < MAX_ALIAS_LABELS:
+                    counter = self._aliases[alias] = metrics.KEY_IMAGES.labels(alias)
+                else:
+                    counter = metrics.KEY_IMAGES.labels("other")
+            counter.inc(images)
 
     async def _flush(self) -> None:
         """Write the pending usage in one transaction, every :data:`USAGE_WRITE_INTERVAL` until none is left.

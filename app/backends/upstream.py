@@ -37,7 +37,8 @@ from app.worker.protocol import (
     GenerationParams,
     HealthInfo,
     Image,
-    Partial,
+    RelayedImage,
+    RelayedPartial,
     Started,
     WorkerEvent,
 )
@@ -110,25 +111,61 @@ _encode = msgspec.json.Encoder().encode
 MALFORMED = (msgspec.DecodeError, msgspec.ValidationError, binascii.Error, ValueError)
 
 
-def _image(token: msgspec.Raw) -> bytes | None:
-    """An image's ``b64_json`` token: None if absent or null.
+_KEY = b'"b64_json"'
+_SPACE = b" \t\r\n"
 
-    Plain padded base64, what APIs send, is kept as it is (:class:`Base64`), so a relayed image is neither decoded
-    nor encoded again; anything else (escaped line breaks, no padding) is decoded leniently. Raises one of
-    :data:`MALFORMED` if it is not a string.
+
+def _cut_images(buf: bytes, start: int, end: int) -> tuple[bytes, list[bytes | Base64]]:
+    """The JSON in ``buf[start:end]`` with each ``b64_json`` string replaced by its ordinal, and those images.
+
+    Each string becomes ``"0"``, ``"1"``, … (see :func:`_image`). The images are found by scanning at memchr speed,
+    not by a JSON decoder walking megabytes: plain padded base64, what APIs send, stays a view into ``buf``
+    (:class:`Base64`), so a relayed image is neither copied, decoded nor encoded again; anything else (escapes, no
+    padding) is decoded leniently. Raises one of :data:`MALFORMED`.
     """
+    pieces: list[bytes | memoryview] = []
+    images: list[bytes | Base64] = []
+    view = memoryview(buf)
+    pos = scan = start  # copied up to, looked up to
+    while (key := buf.find(_KEY, scan, end)) >= 0:
+        at = key + len(_KEY)
+        while at < end and buf[at] in _SPACE:
+            at += 1
+        if at >= end or buf[at] != 0x3A:  # not a key: a string that happens to read "b64_json"
+            scan = at
+            continue
+        at += 1
+        while at < end and buf[at] in _SPACE:
+            at += 1
+        if at >= end or buf[at] != 0x22:  # null, or not a string: the decoder sees it as it is
+            scan = at
+            continue
+        close = buf.find(b'"', at + 1, end)
+        if close < 0:
+            raise ValueError("b64_json is an unterminated string")
+        token = view[at : close + 1]
+        if (close - at - 1) % 4 == 0 and buf.find(b"\\", at, close) < 0:
+            images.append(Base64(token))
+        else:
+            value = msgspec.json.decode(token)
+            value = "".join(value.split())
+            images.append(binascii.a2b_base64(value + "=" * (-len(value) % 4)))
+        pieces += (view[pos:at], b'"%d"' % (len(images) - 1))
+        pos = scan = close + 1
+    if not images:
+        return bytes(view[start:end]), images
+    pieces.append(view[pos:end])
+    return b"".join(pieces), images
+
+
+def _image(token: msgspec.Raw, images: list[bytes | Base64]) -> bytes | Base64 | None:
+    """The image a ``b64_json`` field names after :func:`_cut_images`: None if absent or null."""
     view = memoryview(token)
     if not view or view == b"null":
         return None
-    if view[0] == ord('"'):
-        text = Base64(bytes(view))  # bytes() first: a bytes subclass copies a memoryview byte by byte
-        if b"\\" not in text and (len(text) - 2) % 4 == 0:
-            return text
-    value = msgspec.json.decode(view)
-    if not isinstance(value, str):
-        raise ValueError(f"b64_json is a {type(value).__name__}, not a string")
-    value = "".join(value.split())
-    return binascii.a2b_base64(value + "=" * (-len(value) % 4))
+    if view[0] != 0x22:
+        raise ValueError("b64_json is not a string")
+    return images[int(bytes(view[1:-1]))]
 
 
 def _error_of(body: bytes) -> _Error:
@@ -361,11 +398,11 @@ class UpstreamBackend:
         """One JSON answer: Started, then an Image per item."""
         body = await self._read(resp)
         try:
-            answer = _decode_response(body)
-            images = [_image(item.b64_json) for item in answer.data]
+            skeleton, found = _cut_images(body, 0, len(body))
+            answer = _decode_response(skeleton)
+            images = [_image(item.b64_json, found) for item in answer.data]
         except MALFORMED as e:
             raise BackendFailed(f"upstream {self.name} sent a malformed answer: {e}") from None
-        del body
         if not answer.data:
             raise BackendFailed(f"upstream {self.name} answered without images")
         missing = [i for i, data in enumerate(images) if data is None]
@@ -376,7 +413,7 @@ class UpstreamBackend:
         yield Started(queue_seconds=0.0, prompt_tokens=answer.usage.prompt_tokens() if answer.usage else 0)
         for i, data in enumerate(images):
             assert data is not None
-            yield Image(index=i, data=data, seed=params.seed + i)
+            yield Image(index=i, data=data, seed=params.seed + i)  # type: ignore[arg-type]
 
     async def _fetch(self, url: str | None) -> bytes:
         if not url:
@@ -391,15 +428,22 @@ class UpstreamBackend:
             raise BackendFailed(f"upstream {self.name}: fetching an image URL failed: {_what(e)}") from None
 
     async def _events(self, params: GenerationParams, resp: aiohttp.ClientResponse) -> AsyncIterator[WorkerEvent]:
-        """The upstream's SSE stream: Started, then Partial and Image events as they come."""
+        """The upstream's SSE stream: Started, then Partial and Image events as they come.
+
+        Each image event keeps its frame (:class:`RelayedPartial`, :class:`RelayedImage`) for the client's stream.
+        """
         started = False
         done: set[int] = set()
-        async for data in self._sse(resp):
-            if data == b"[DONE]":
+        async for block, lines in self._blocks(resp):
+            buf, start, end = _data(block, lines)
+            if buf is None:
+                continue
+            if buf[start:end] == b"[DONE]":
                 break
             try:
-                event = _decode_event(data)
-                image = _image(event.b64_json)
+                skeleton, found = _cut_images(buf, start, end)
+                event = _decode_event(skeleton)
+                image = _image(event.b64_json, found)
             except MALFORMED as e:
                 raise BackendFailed(f"upstream {self.name} sent a malformed event: {e}") from None
             if event.error or event.type == "error":
@@ -425,46 +469,56 @@ class UpstreamBackend:
                 yield Started(queue_seconds=0.0, prompt_tokens=usage)
             # OpenAI's events carry no image index: images then come one after the other.
             index = event.image_index if event.image_index is not None else len(done)
+            # Passed on as it came only where the gateway would send the same: plain base64, and the image's index
+            # in the event (or no other image to tell it from).
+            relayed = isinstance(image, Base64) and (event.image_index is not None or params.n == 1)
+            frame = _frame(block, buf, start, end, event.type) if relayed else b""
             if partial:
-                yield Partial(image_index=index, partial_index=event.partial_image_index, data=image)
+                p_index = event.partial_image_index
+                yield RelayedPartial(image_index=index, partial_index=p_index, data=image, frame=frame)  # type: ignore[arg-type]
             else:
                 done.add(index)
-                yield Image(index=index, data=image, seed=params.seed + index)
+                yield RelayedImage(index=index, data=image, seed=params.seed + index, frame=frame)  # type: ignore[arg-type]
                 if len(done) >= params.n:
                     return
         raise BackendFailed(f"upstream {self.name} ended the stream after {len(done)} of {params.n} images")
 
-    async def _sse(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        """The ``data`` of each SSE event (several lines joined by newlines); comments and other fields are skipped."""
-        buf = bytearray()
-        start = scan = 0
-        data: list[bytes] = []
+    async def _blocks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[bytes, list[int]]]:
+        """The SSE stream's events as they came, each with its blank line, and the offset of each newline in it.
+
+        A block is a chunk as it came, else one copy of its pieces; only newlines are looked for.
+        """
+        parts: list[memoryview] = []
+        size = 0  # bytes of the current block in parts
+        lines: list[int] = []
+        line_start = 0  # the current line's offset in the block
         while True:
-            nl = buf.find(b"\n", scan)
-            if nl < 0:
-                if start:
-                    del buf[:start]
-                    start = 0
-                scan = len(buf)
-                try:
-                    chunk = await resp.content.readany()
-                except (aiohttp.ClientError, OSError, TimeoutError) as e:
-                    raise BackendFailed(f"upstream {self.name} broke off the stream: {_what(e)}") from None
-                if not chunk:
-                    return
-                buf += chunk
-                continue
-            end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
-            scan = nl + 1
-            if end == start:
-                if data:
-                    yield data[0] if len(data) == 1 else b"\n".join(data)
-                    data = []
-            elif buf.startswith(b"data:", start):
-                skip = 6 if buf[start + 5 : start + 6] == b" " else 5
-                with memoryview(buf) as view:  # one copy of the line, and the buffer may grow again after
-                    data.append(view[start + skip : end].tobytes())
-            start = scan
+            try:
+                chunk = await resp.content.readany()
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                raise BackendFailed(f"upstream {self.name} broke off the stream: {_what(e)}") from None
+            if not chunk:
+                return  # an unterminated last event is dropped, as the SSE format has it
+            view = memoryview(chunk)
+            begin = pos = 0  # the block's start in this chunk, the scan's
+            while (nl := chunk.find(b"\n", pos)) >= 0:
+                at = size + nl - begin
+                length = at - line_start
+                before = chunk[nl - 1] if nl > begin else (parts[-1][-1] if parts else 0)
+                lines.append(at)
+                line_start, pos = at + 1, nl + 1
+                if length == 0 or (length == 1 and before == 0x0D):  # a blank line ends the event
+                    if begin == 0 and pos == len(chunk) and not parts:
+                        block = chunk
+                    else:
+                        parts.append(view[begin:pos])
+                        block = b"".join(parts)
+                    if len(lines) > 1:
+                        yield block, lines
+                    parts, size, lines, line_start, begin = [], 0, [], 0, pos
+            if begin < len(chunk):
+                parts.append(view[begin:])
+                size += len(chunk) - begin
 
     # -- health ---------------------------------------------------------------------------------------------------
 
@@ -494,6 +548,35 @@ class UpstreamBackend:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _data(block: bytes, lines: list[int]) -> tuple[bytes | None, int, int]:
+    """(buffer, start, end) of an SSE event's ``data``; (None, 0, 0) for an event without (a comment, a keep-alive).
+
+    The buffer is ``block`` itself for one ``data:`` line, else the lines joined by newlines.
+    """
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for nl in lines[:-1]:  # the last one ends the blank line
+        end = nl - 1 if nl > start and block[nl - 1] == 0x0D else nl
+        if block.startswith(b"data:", start):
+            at = start + 6 if block[start + 5 : start + 6] == b" " else start + 5
+            spans.append((at, end))
+        start = nl + 1
+    if not spans:
+        return None, 0, 0
+    if len(spans) == 1:
+        return block, *spans[0]
+    joined = b"\n".join(block[a:b] for a, b in spans)
+    return joined, 0, len(joined)
+
+
+def _frame(block: bytes, buf: bytes, start: int, end: int, event_type: str) -> bytes:
+    """The event's SSE frame as the gateway sends it: ``block`` itself when it is one already."""
+    head = b"event: %b\ndata: " % event_type.encode()
+    if buf is block and end == len(block) - 2 and block.startswith(head) and start == len(head):
+        return block
+    return b"".join((head, memoryview(buf)[start:end], b"\n\n"))
 
 
 def _what(e: BaseException) -> str:

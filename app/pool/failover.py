@@ -150,21 +150,38 @@ class Dispatch:
         events = member.backend.generate(self.params, self.attachments)
         timing = metrics.request_timing()
         first_partial, last_step, succeeded = True, 0.0, False
+        # One timer for the whole attempt: it cancels the wait for the backend's next event, never the code that
+        # handles an event (which runs in the same task between two waits).
+        waiting: asyncio.Task | None = None
+        expired = False
+
+        def deadline() -> None:
+            nonlocal expired
+            expired = True
+            if waiting is not None:
+                waiting.cancel()
+
+        timer = asyncio.get_running_loop().call_later(max(self.deadline - time.monotonic(), 0.001), deadline)
         try:
             while True:
                 waited = time.perf_counter()
                 try:
-                    async with asyncio.timeout(max(self.deadline - time.monotonic(), 0.001)):  # no task per event
-                        event = await anext(events)
+                    if expired:
+                        raise TimeoutError
+                    waiting = asyncio.current_task()
+                    event = await anext(events)
                 except StopAsyncIteration:
                     raise self._lost(member, BackendFailed("the backend ended the stream without a result")) from None
                 except BackendFailed as e:
                     raise self._lost(member, e) from None
+                except asyncio.CancelledError:
+                    if not expired or waiting is None or waiting.uncancel():
+                        raise  # cancelled from outside (the client went away), not by the deadline
+                    raise self._late(lease) from None
                 except TimeoutError:
-                    if lease.started_at is not None:
-                        self.pool.failed(member, "it stopped answering before the request's deadline")
-                    raise DeadlineExceeded(f"The request did not finish within {self.timeout:g} seconds.") from None
+                    raise self._late(lease) from None
                 finally:
+                    waiting = None
                     if timing is not None:
                         timing.backend += time.perf_counter() - waited
                 now = time.monotonic()
@@ -187,8 +204,15 @@ class Dispatch:
                         metrics.GENERATION_SECONDS.labels(model).observe(now - lease.started_at)
                     return
         finally:
+            timer.cancel()
             await events.aclose()
             lease.release(succeeded=succeeded)
+
+    def _late(self, lease: Lease) -> DeadlineExceeded:
+        """The deadline passed: a backend that started the job and then said nothing counts as failed."""
+        if lease.started_at is not None:
+            self.pool.failed(lease.member, "it stopped answering before the request's deadline")
+        return DeadlineExceeded(f"The request did not finish within {self.timeout:g} seconds.")
 
     def _lost(self, member: Member, error: BackendFailed) -> _BackendLost:
         self.pool.failed(member, error.message)

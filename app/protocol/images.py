@@ -192,9 +192,6 @@ class ImageGenCompletedEvent(msgspec.Struct, kw_only=True):
     """imagegate extension: which of the ``n`` images this is."""
 
 
-StreamEvent = ImageGenPartialImageEvent | ImageGenCompletedEvent
-
-
 class Model(msgspec.Struct, kw_only=True):
     """OpenAI's model, with what imagegate knows of it once a backend has said (extensions, else left out)."""
 
@@ -218,12 +215,26 @@ class ModelList(msgspec.Struct):
 
 def _as_is(value: object) -> msgspec.Raw:
     if isinstance(value, Base64):  # a JSON string already: written as it is, not copied
-        return msgspec.Raw(value)
+        return msgspec.Raw(value.json)
     raise NotImplementedError(f"cannot encode {type(value).__name__}")
 
 
-encode_json = msgspec.json.Encoder(enc_hook=_as_is).encode
+JSON = msgspec.json.Encoder(enc_hook=_as_is)
 """The encoder of every JSON body and event the API sends: ``bytes`` become base64, :class:`Base64` stays as is."""
+encode_json = JSON.encode
+
+
+class Framed:
+    """A stream event an upstream API framed already (``event:`` and ``data:`` lines): sent on as it came."""
+
+    __slots__ = ("frame", "type")
+
+    def __init__(self, event_type: str, frame: bytes) -> None:
+        self.type = event_type
+        self.frame = frame
+
+
+StreamEvent = ImageGenPartialImageEvent | ImageGenCompletedEvent
 
 
 def checked_request(cls: type[T], **fields: object) -> T:

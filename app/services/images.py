@@ -31,6 +31,7 @@ from app.pool import Pool
 from app.pool.failover import Dispatch
 from app.protocol.images import (
     Fallback,
+    Framed,
     ImageData,
     ImageEditRequest,
     ImageGenCompletedEvent,
@@ -53,6 +54,8 @@ from app.worker.protocol import (
     Image,
     LoraRef,
     Partial,
+    RelayedImage,
+    RelayedPartial,
     Started,
     WorkerEvent,
     canonical_scheduler,
@@ -717,7 +720,7 @@ class ImageService:
         job, dispatch = await self._admit(job, principal, fallbacks)
         return EventStream(self._stream(job, dispatch), job, dispatch)
 
-    async def _stream(self, job: Job, dispatch: Dispatch) -> AsyncIterator[StreamEvent]:
+    async def _stream(self, job: Job, dispatch: Dispatch) -> AsyncIterator[StreamEvent | Framed]:
         p = job.params
         prompt_tokens = 0
         common = {
@@ -726,14 +729,20 @@ class ImageService:
             "background": job.background,
             "output_format": p.output_format,
         }
+        partial_type, completed_type = f"{job.event_prefix}.partial_image", f"{job.event_prefix}.completed"
+        # An upstream's frame of the very event the client is to get goes on as it came (its image not copied).
+        partial_head, completed_head = b"event: %b\n" % partial_type.encode(), b"event: %b\n" % completed_type.encode()
         # aclosing: when the client goes away, the job's stop must reach the backend now, not at garbage collection.
         async with contextlib.aclosing(self._events(job, dispatch, streamed=True)) as events:
             async for event in events:
                 if isinstance(event, Started):
                     prompt_tokens = event.prompt_tokens
                 elif isinstance(event, Partial):
+                    if isinstance(event, RelayedPartial) and event.frame.startswith(partial_head):
+                        yield Framed(partial_type, event.frame)
+                        continue
                     yield ImageGenPartialImageEvent(
-                        type=f"{job.event_prefix}.partial_image",
+                        type=partial_type,
                         b64_json=event.data,
                         created_at=int(self.clock()),
                         partial_image_index=event.partial_index,
@@ -741,8 +750,11 @@ class ImageService:
                         **common,
                     )
                 elif isinstance(event, Image):
+                    if isinstance(event, RelayedImage) and event.frame.startswith(completed_head):
+                        yield Framed(completed_type, event.frame)
+                        continue
                     yield ImageGenCompletedEvent(
-                        type=f"{job.event_prefix}.completed",
+                        type=completed_type,
                         b64_json=event.data,
                         created_at=int(self.clock()),
                         usage=job.usage(prompt_tokens, 1),
@@ -758,12 +770,12 @@ class EventStream:
     when the client went away before the first event was asked for.
     """
 
-    def __init__(self, events: AsyncIterator[StreamEvent], job: Job, dispatch: Dispatch) -> None:
+    def __init__(self, events: AsyncIterator[StreamEvent | Framed], job: Job, dispatch: Dispatch) -> None:
         self._events = events
         self._job = job
         self._dispatch = dispatch
 
-    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+    def __aiter__(self) -> AsyncIterator[StreamEvent | Framed]:
         return self._events
 
     async def aclose(self) -> None:

@@ -111,6 +111,8 @@ class SqlKeyStore:
     def __init__(self, db: Database | str | Path) -> None:
         self._owned = not isinstance(db, Database)
         self.db = Database(db) if not isinstance(db, Database) else db
+        self._version: int | None = None
+        self._seen: int | None = None  # the database's data version when _version was read
 
     # -- sync API (the CLI uses these directly) --------------------------------------------------------------
 
@@ -167,7 +169,11 @@ class SqlKeyStore:
     # -- async API (the gateway) -----------------------------------------------------------------------------
 
     async def version(self) -> int:
-        return self.db.reader.execute(_VERSION).scalar_one()
+        """The keys' version, read again only after a commit somewhere (see :meth:`Database.data_version`)."""
+        seen = self.db.data_version()
+        if seen is None or seen != self._seen or self._version is None:
+            self._version, self._seen = self.db.reader.execute(_VERSION).scalar_one(), seen
+        return self._version
 
     async def add_key(self, record: KeyRecord) -> None:
         await asyncio.to_thread(self.add_key_sync, record)

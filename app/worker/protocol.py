@@ -289,19 +289,23 @@ class Progress(msgspec.Struct, tag="progress"):
     total: int
 
 
-class Base64(bytes):
+class Base64:
     """An image still in base64, as an upstream API sent it: the JSON string, quotes included (never on the wire).
 
-    It goes on to the client's JSON as it came, unless something needs the image itself (:func:`image_bytes`): a
-    relayed answer then costs no decode and no encode of megabytes.
+    It holds a view into the answer it came in and goes on to the client's JSON as it came, unless something needs
+    the image itself (:func:`image_bytes`): a relayed answer then costs no copy, no decode and no encode of megabytes.
     """
 
-    __slots__ = ()
+    __slots__ = ("json",)
+
+    def __init__(self, json: bytes | memoryview) -> None:
+        """``json``: a JSON string of plain, padded base64 (no escapes), quotes included."""
+        self.json = json
 
 
-def image_bytes(data: bytes) -> bytes:
+def image_bytes(data: bytes | Base64) -> bytes:
     """The image itself, from the ``data`` of a :class:`Partial` or :class:`Image`."""
-    return binascii.a2b_base64(memoryview(data)[1:-1]) if isinstance(data, Base64) else data
+    return binascii.a2b_base64(memoryview(data.json)[1:-1]) if isinstance(data, Base64) else data
 
 
 class Partial(msgspec.Struct, tag="partial"):
@@ -318,6 +322,21 @@ class Image(msgspec.Struct, tag="image"):
     seed: int
     nsfw: bool = False
     """The safety checker flagged it (and it was treated as the job asked)."""
+
+
+class RelayedPartial(Partial):
+    """A :class:`Partial` an upstream API streamed, with its SSE frame as it came (``event:`` and ``data:``).
+
+    Never on the worker wire: the gateway's stream passes ``frame`` on unchanged where the event needs no change.
+    """
+
+    frame: bytes = b""
+
+
+class RelayedImage(Image):
+    """An :class:`Image` an upstream API streamed, with its SSE frame as it came (see :class:`RelayedPartial`)."""
+
+    frame: bytes = b""
 
 
 class Done(msgspec.Struct, tag="done"):

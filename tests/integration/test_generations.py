@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from PIL import Image
 from app.asgi import create_app
 from app.backends.fake import FakeBackend
 from app.config import DEMO_MODEL, load_settings
-from app.worker.protocol import Base64, Partial
+from app.worker.protocol import Base64, Partial, RelayedImage, RelayedPartial
 from app.worker.protocol import Image as WorkerImage
 from tests.helpers import sample
 
@@ -233,6 +234,44 @@ class RelayingBackend(FakeBackend):
             if isinstance(event, WorkerImage | Partial):
                 event = msgspec.structs.replace(event, data=Base64(b'"' + base64.b64encode(event.data) + b'"'))
             yield event
+
+
+class FramingBackend(FakeBackend):
+    """A backend whose image events come with the SSE frame an upstream sent, marked so the client can tell."""
+
+    def __init__(self, *a, event_prefix: str = "image_generation", **kw) -> None:
+        super().__init__(*a, **kw)
+        self.event_prefix = event_prefix
+
+    async def generate(self, params, attachments=()):
+        async for event in super().generate(params, attachments):
+            if isinstance(event, WorkerImage | Partial):
+                token = b'"' + base64.b64encode(event.data) + b'"'
+                kind = "partial_image" if isinstance(event, Partial) else "completed"
+                head = f'event: {self.event_prefix}.{kind}\ndata: {{"type":"{self.event_prefix}.{kind}",'.encode()
+                frame = head + b'"b64_json":' + token + b',"from":"upstream"}\n\n'
+                data = Base64(memoryview(frame)[len(head) + 11 : len(head) + 11 + len(token)])
+                if isinstance(event, Partial):
+                    event = RelayedPartial(event.image_index, event.partial_index, data, frame=frame)
+                else:
+                    event = RelayedImage(event.index, data, event.seed, frame=frame)
+            yield event
+
+
+@pytest.mark.parametrize(("upstream_prefix", "passed_on"), [("image_generation", True), ("image_edit", False)])
+def test_an_upstreams_frames_go_to_the_client_as_they_came(tmp_path, upstream_prefix, passed_on):
+    backend = FramingBackend(models=[DEMO_MODEL], event_prefix=upstream_prefix)
+    body = {"prompt": "p", "size": "64x64", "seed": 7, "stream": True, "partial_images": 1}
+    with make_client(tmp_path, [(backend, [DEMO_MODEL])]) as tc:
+        text = tc.post("/v1/images/generations", json=body).text
+        answer = tc.post("/v1/images/generations", json={**body, "stream": False}).json()
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    assert [e["type"] for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    if passed_on:  # the frame the upstream sent, byte for byte
+        assert all(e["from"] == "upstream" and set(e) == {"type", "b64_json", "from"} for e in events)
+    else:  # not the event this client asked for: the gateway's own, with the same image
+        assert all("from" not in e and e["size"] == "64x64" for e in events)
+    assert events[-1]["b64_json"] == answer["data"][0]["b64_json"] and png_size(answer["data"][0]["b64_json"])
 
 
 def test_base64_from_an_upstream_reaches_the_client_as_it_came(tmp_path):

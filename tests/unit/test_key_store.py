@@ -6,6 +6,7 @@ import sqlite3
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
 from app.store.keys import KeyRecord, SqlKeyStore, Usage
@@ -228,3 +229,24 @@ def test_sync_api_matches_the_async_one(store):
     assert store.key_sync("key_1").alias == "renamed"  # type: ignore[union-attr]
     assert store.delete_key_sync("key_1") and store.key_sync("key_1") is None
     assert store.version_sync() == 3
+
+
+async def test_the_version_is_read_again_only_after_a_commit(path):
+    gateway, cli = SqlKeyStore(path), SqlKeyStore(path)
+    reads: list[str] = []
+    event.listen(gateway.db.reader, "before_cursor_execute", lambda *a: reads.append(a[2]))
+    try:
+        seen = await gateway.version()
+        for _ in range(5):
+            assert await gateway.version() == seen
+        assert len(reads) == 1, "no commit, no query: requests read a counter SQLite keeps"
+        await cli.add_key(record("key_1"))  # another process's commit (the CLI, a replica)
+        assert await gateway.version() == seen + 1
+        await gateway.record_usage([("key_1", HOUR, 1, 1, 1)])  # this process's own writes move it too
+        assert await gateway.version() == seen + 1
+        gateway.update_key_sync("key_1", {"active": False})
+        assert await gateway.version() == seen + 2
+        assert len(reads) == 4
+    finally:
+        gateway.close()
+        cli.close()

@@ -14,16 +14,25 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from app.backends.upstream import MALFORMED, UpstreamBackend, _image
+from app.backends.upstream import MALFORMED, UpstreamBackend, _cut_images, _data, _decode_response, _image
 from app.config import ConfigError, UpstreamConfig
 from app.errors import BackendFailed
 from app.worker import protocol
-from app.worker.protocol import Done, Failed, GenerationParams, Image, Partial, Started, WorkerEvent
+from app.worker.protocol import (
+    Done,
+    Failed,
+    GenerationParams,
+    Image,
+    Partial,
+    RelayedImage,
+    RelayedPartial,
+    Started,
+    WorkerEvent,
+)
 
 KEY = "sk-upstream-test"
 BIG = os.urandom(300_000)  # spans many socket reads, so SSE lines arrive in pieces
@@ -301,16 +310,28 @@ IMG = bytes(range(256)) * 3 + b"x"  # 769 bytes: its base64 ends in "=="
     ],
 )
 def test_an_image_token_is_passed_on_when_plain_and_decoded_otherwise(token, passed_on):
-    data = _image(msgspec.Raw(token))
+    # A string that reads "b64_json" and key spacing must not fool the scan.
+    body = b'{"data": [{"revised_prompt": "b64_json", "b64_json" : ' + token + b'}], "note": "\\"b64_json\\": x"}'
+    skeleton, images = _cut_images(body, 0, len(body))
+    assert json.loads(skeleton) == {"data": [{"revised_prompt": "b64_json", "b64_json": "0"}], "note": '"b64_json": x'}
+    (data,) = images
     assert isinstance(data, protocol.Base64) is passed_on
     assert protocol.image_bytes(data) == IMG
+    if passed_on:
+        assert data.json.obj is body, "a view into the answer, not a copy"
+    assert _image(_decode_response(skeleton).data[0].b64_json, images) is data
 
 
-def test_an_absent_or_non_string_image_token():
-    assert _image(msgspec.Raw()) is None
-    assert _image(msgspec.Raw(b"null")) is None
-    with pytest.raises(MALFORMED):
-        _image(msgspec.Raw(b"12"))
+@pytest.mark.parametrize("item", [b'{"url": "u"}', b'{"b64_json": null}', b'{"b64_json": 12}', b'{"b64_json": "AA"'])
+def test_an_absent_non_string_or_broken_image_token(item):
+    body = b'{"data": [' + item + b"]}"
+    if item.endswith(b"12}") or item.endswith(b'"AA"'):
+        with pytest.raises(MALFORMED):
+            skeleton, images = _cut_images(body, 0, len(body))
+            _image(_decode_response(skeleton).data[0].b64_json, images)
+        return
+    skeleton, images = _cut_images(body, 0, len(body))
+    assert images == [] and _image(_decode_response(skeleton).data[0].b64_json, images) is None
 
 
 async def test_url_answers_are_fetched(stub):
@@ -330,7 +351,7 @@ def test_a_missing_key_variable_fails_at_construction(stub):
 # -- streams -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("with_index", "crlf"), [(True, False), (False, True)])
+@pytest.mark.parametrize(("with_index", "crlf"), [(True, False), (True, True), (False, True)])
 async def test_a_stream_yields_partials_and_images_as_they_come(stub, with_index, crlf):
     stub.with_index, stub.crlf = with_index, crlf
     async with backend(stub) as b:
@@ -338,9 +359,9 @@ async def test_a_stream_yields_partials_and_images_as_they_come(stub, with_index
     assert stub.requests[0]["json"]["stream"] is True and stub.requests[0]["json"]["partial_images"] == 2
     assert isinstance(events[0], Started) and isinstance(events[-1], Done)
     body = [
-        (type(e).__name__, e.image_index, e.partial_index, protocol.image_bytes(e.data))
+        ("Partial", e.image_index, e.partial_index, protocol.image_bytes(e.data))
         if isinstance(e, Partial)
-        else (type(e).__name__, e.index, e.seed, protocol.image_bytes(e.data))
+        else ("Image", e.index, e.seed, protocol.image_bytes(e.data))
         for e in events[1:-1]
     ]
     assert body == [
@@ -350,6 +371,51 @@ async def test_a_stream_yields_partials_and_images_as_they_come(stub, with_index
         ("Partial", 1, 0, partial_bytes(1, 0)),
         ("Partial", 1, 1, partial_bytes(1, 1)),
         ("Image", 1, 43, image_bytes(1)),
+    ]
+    for e in events[1:-1]:
+        assert isinstance(e, RelayedPartial | RelayedImage)
+        if not with_index:  # two images and no index in the events: the gateway's own events must tell them apart
+            assert e.frame == b""
+            continue
+        # The frame the client gets: the upstream's own bytes (re-framed only where its line ends differ).
+        head, data, end = e.frame.split(b"\n", 2)
+        assert end == b"\n" and head == b"event: " + json.loads(data[6:])["type"].encode()
+        assert isinstance(e.data, protocol.Base64) and (e.data.json.obj is e.frame) is not crlf
+
+
+class _Chunks:
+    """A response whose body arrives in the given chunks."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.content = self
+        self.chunks = chunks
+
+    async def readany(self) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+SSE = (
+    b": keep-alive\n\n\r\n"
+    b'event: a.partial_image\r\ndata: {"type": "a.partial_image"}\r\n\r\n'
+    b'event: a.completed\ndata: {"type":\ndata: "a.completed"}\n\n'
+    b"data: [DONE]\n\n"
+    b"data: unterminated"
+)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13, 40, len(SSE)])
+async def test_sse_blocks_are_cut_alike_however_the_chunks_fall(size):
+    b = UpstreamBackend(UpstreamConfig(name="up", base_url="http://127.0.0.1:9/v1", models={"m": "m"}))
+    chunks = [SSE[i : i + size] for i in range(0, len(SSE), size)]
+    got = []
+    async for block, lines in b._blocks(_Chunks(chunks)):  # type: ignore[arg-type]
+        buf, start, end = _data(block, lines)
+        got.append((block, None if buf is None else bytes(buf[start:end])))
+    assert got == [
+        (b": keep-alive\n\n", None),
+        (b'event: a.partial_image\r\ndata: {"type": "a.partial_image"}\r\n\r\n', b'{"type": "a.partial_image"}'),
+        (b'event: a.completed\ndata: {"type":\ndata: "a.completed"}\n\n', b'{"type":\n"a.completed"}'),
+        (b"data: [DONE]\n\n", b"[DONE]"),
     ]
 
 
@@ -370,7 +436,7 @@ async def test_a_stream_that_ends_before_its_images_is_a_backend_failure(stub, m
         with pytest.raises(BackendFailed, match="upstream up"):
             async for e in b.generate(params(partial_images=2)):
                 got.append(e)
-    assert [type(e) for e in got] == [Started, Partial]
+    assert [type(e) for e in got] == [Started, RelayedPartial]
 
 
 async def test_closing_the_stream_early_closes_the_upstream_request(stub):
@@ -425,7 +491,7 @@ async def test_a_streamed_edit_uses_the_edit_events(stub):
         p = params(task="img2img", strength=0.5, request_id="edit_3", partial_images=1, image_bytes=len(JPEG))
         events = await run(b, p, [io.BytesIO(JPEG)])
     assert stub.requests[0]["fields"]["stream"] == "true"
-    assert [type(e) for e in events] == [Started, Partial, Image, Done]
+    assert [type(e) for e in events] == [Started, RelayedPartial, RelayedImage, Done]
 
 
 async def test_outpainting_needs_extensions(stub):
