@@ -6,10 +6,14 @@ and keys never become labels.
 
 from __future__ import annotations
 
+import functools
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
@@ -159,3 +163,12 @@ def request_timing() -> RequestTiming | None:
     if timing is not None:
         timing.used_backend = True
     return timing
+
+
+@functools.cache
+def child(metric: M, *values: str) -> M:
+    """``metric.labels(*values)``, made once: ``labels`` takes a lock and checks its arguments on every call.
+
+    Label values are bounded (configured names, fixed outcomes), so the cache is too.
+    """
+    return metric.labels(*values)

@@ -1,4 +1,4 @@
-"""Where the gateway's CPU goes: a sampling profile of ``imagegate serve`` under a fixed load of one variant.
+"""Where the gateway's CPU goes: a sampling profile of ``imagegate serve`` (or the thin proxy) under a fixed load.
 
 The set-up of ``overhead.py`` (stub with its fixed delay, imagegate with the stub as upstreams, pinning, the same
 load generator), one rate and one variant, with `py-spy <https://github.com/benfred/py-spy>`_ sampling the gateway
@@ -33,7 +33,7 @@ def top(stacks: Path, n: int) -> tuple[int, list[tuple[str, int]], list[tuple[st
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in stacks.read_text().splitlines():
+    for line in stacks.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
         samples = int(count)
@@ -47,6 +47,7 @@ def top(stacks: Path, n: int) -> tuple[int, list[tuple[str, int]], list[tuple[st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--variant", choices=VARIANTS, default="small-stream")
+    ap.add_argument("--target", choices=("imagegate", "thin_proxy"), default="imagegate", help="the process sampled")
     ap.add_argument("--rate", type=float, default=300)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--delay-ms", type=int, default=50)
@@ -62,7 +63,10 @@ def main() -> None:
         try:
             stub = T.start_stub(tmp, gen_cpus)
             models = {f"stub-{p}": f"{stub.url}/{p}/{a.delay_ms}/v1" for p in ("small", "large")}
-            gateway = T.start_imagegate(tmp, gw_cpus, models)
+            if a.target == "imagegate":
+                gateway = T.start_imagegate(tmp, gw_cpus, models)
+            else:
+                gateway = T.start_thin_proxy(tmp, gw_cpus, models)
             load = [
                 sys.executable,
                 str(T.BENCH / "loadgen.py"),
@@ -83,17 +87,21 @@ def main() -> None:
             time.sleep(2)  # the warm-up
             stacks = Path(a.out) if a.out else tmp / "stacks.txt"
             cpu0 = gateway.cpu_seconds()
-            spy = [a.py_spy, "record", "--pid", str(gateway.pid), "--rate", "250", "--nonblocking"]
+            spy = [a.py_spy, "record", "--pid", str(gateway.pid), "--rate", "200"]
             spy += ["--duration", str(int(a.duration)), "--format", "raw", "--output", str(stacks)]
             subprocess.run(spy, check=True, capture_output=True)
             used = gateway.cpu_seconds() - cpu0
             result = json.loads(gen.communicate()[0])
         finally:
-            T.stop_imagegate(gateway)
+            if a.target == "imagegate":
+                T.stop_imagegate(gateway)
+            else:
+                T.kill(gateway)
             T.kill(stub)
         total, own, inclusive = top(stacks, a.top)
-        print(f"{a.variant} at {a.rate:g} req/s: {result['ok']} ok, {result['errors']} errors")
-        print(f"gateway CPU while sampled: {used:.2f} s; {total} samples")
+        print(f"{a.target}, {a.variant} at {a.rate:g} req/s: {result['ok']} ok, {result['errors']} errors")
+        per_request = 1e6 * used / (a.rate * a.duration)
+        print(f"CPU while sampled: {used:.2f} s, {per_request:.0f} us per request; {total} samples")
         for title, rows in (("self", own), ("inclusive", inclusive)):
             print(f"\n-- {title} --")
             for frame, n in rows:

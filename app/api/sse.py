@@ -54,17 +54,14 @@ class Events(Protocol):
     async def aclose(self) -> None: ...
 
 
-async def _frames(events: Events) -> AsyncIterator[bytes | bytearray]:
-    try:
-        async for event in events:
-            yield event.frame if type(event) is Framed else frame(event.type, event)
-    except Cancelled:
-        return
-    except ApiError as e:
-        yield _error_frame(e)
-    except Exception:
-        log.exception("stream failed")
-        yield _error_frame(ApiError("The server had an error while processing your request."))
+def _failure(error: BaseException) -> bytearray | None:
+    """The ``error`` event that ends a stream whose events failed; None when it ends silently (a cancellation)."""
+    if isinstance(error, Cancelled):
+        return None
+    if isinstance(error, ApiError):
+        return _error_frame(error)
+    log.error("stream failed", exc_info=error)
+    return _error_frame(ApiError("The server had an error while processing your request."))
 
 
 def event_stream(events: Events, ping_interval: float) -> ASGIApp:
@@ -112,10 +109,19 @@ def event_stream(events: Events, ping_interval: float) -> ASGIApp:
             last_write = loop.time()
 
         watcher = loop.create_task(watch())
-        frames = _frames(events)
+        iterator = aiter(events)
         try:
             await write({"type": "http.response.start", "status": 200, "headers": HEADERS})
-            async for chunk in frames:
+            while True:
+                try:
+                    event = await anext(iterator)
+                except StopAsyncIteration:
+                    break
+                except Exception as e:
+                    if (chunk := _failure(e)) is not None:
+                        await write({"type": "http.response.body", "body": chunk, "more_body": True})
+                    break
+                chunk = event.frame if type(event) is Framed else frame(event.type, event)
                 await write({"type": "http.response.body", "body": chunk, "more_body": True})
             await write({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
@@ -123,7 +129,6 @@ def event_stream(events: Events, ping_interval: float) -> ASGIApp:
                 raise  # cancelled from outside: not the client's doing
         finally:
             watcher.cancel()
-            await frames.aclose()
             await events.aclose()
 
     return app

@@ -26,7 +26,7 @@ log = logging.getLogger("imagegate.auth")
 T = TypeVar("T")
 
 MAX_ALIAS_LABELS = 100
-USAGE_WRITE_INTERVAL = 0.05
+USAGE_WRITE_INTERVAL = 0.25
 """Seconds that usage waits to be written with the rest of its batch (also the most a crash can lose)."""
 
 
@@ -94,11 +94,17 @@ class Guard:
     """Images that a principal's unfinished jobs hold against its quota (the job store's count), if jobs exist."""
 
     async def admit(self, principal: Principal, model: str, n: int) -> Ticket:
-        async with self._checked(principal, model, n, concurrent=True):
-            pid = principal.id
-            self._in_flight[pid] += 1
-            self._held[pid] += n
+        if principal.max_concurrent is None and principal.image_quota is None and principal.rpm is None:
+            self._allowed(principal, model)  # no limit to check under the lock
+            self._hold(principal.id, n)
+        else:
+            async with self._checked(principal, model, n, concurrent=True):
+                self._hold(principal.id, n)
         return Ticket(self, principal, n)
+
+    def _hold(self, pid: str, n: int) -> None:
+        self._in_flight[pid] += 1
+        self._held[pid] += n
 
     async def reserve(self, principal: Principal, model: str, n: int, commit: Callable[[], Awaitable[T]]) -> T:
         """Admit a job: the checks of :meth:`admit` but the concurrency one, then ``commit()`` under the same lock.
@@ -111,11 +117,7 @@ class Guard:
 
     @contextlib.asynccontextmanager
     async def _checked(self, principal: Principal, model: str, n: int, *, concurrent: bool) -> AsyncIterator[None]:
-        if not principal.allows(model):
-            metrics.LIMIT_REJECTIONS.labels("model").inc()
-            raise PermissionDenied(
-                f"This key may not use the model '{model}'.", param="model", code="model_not_allowed"
-            )
+        self._allowed(principal, model)
         pid = principal.id
         async with self._locks[pid]:
             if concurrent and principal.max_concurrent is not None and self._in_flight[pid] >= principal.max_concurrent:
@@ -146,6 +148,14 @@ class Guard:
                         retry_after=max(1.0, reset - time.time()),
                     )
             yield
+
+    @staticmethod
+    def _allowed(principal: Principal, model: str) -> None:
+        if not principal.allows(model):
+            metrics.LIMIT_REJECTIONS.labels("model").inc()
+            raise PermissionDenied(
+                f"This key may not use the model '{model}'.", param="model", code="model_not_allowed"
+            )
 
     def _finish(self, ticket: Ticket, images: int, pixel_steps: int) -> None:
         p = ticket.principal

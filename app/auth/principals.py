@@ -154,7 +154,7 @@ class Authenticator:
         """Whether any static credential exists (virtual keys are checked separately)."""
         return bool(self._keys or self._users or self._admin_digest)
 
-    @property
+    @functools.cached_property
     def anonymous_allowed(self) -> bool:
         """Anonymous use is possible only on loopback, or where explicitly allowed."""
         return self.settings.allow_anonymous or is_loopback(self.settings.host)

@@ -112,6 +112,8 @@ MALFORMED = (msgspec.DecodeError, msgspec.ValidationError, binascii.Error, Value
 
 
 _KEY = b'"b64_json"'
+_END = object()
+"""An SSE stream's ``[DONE]``."""
 _SPACE = b" \t\r\n"
 
 
@@ -371,15 +373,30 @@ class UpstreamBackend:
                 message = err.message or f"The upstream {self.name} refused the request ({resp.status})."
                 yield Failed(message=message, kind="invalid_request", param=err.param)
                 return
-            streamed = resp.content_type == "text/event-stream"
-            events = self._events(params, resp) if streamed else self._answer(params, resp)
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if isinstance(event, Failed):
-                        finished = True
-                        yield event
-                        return
+            if resp.content_type != "text/event-stream":
+                for event in await self._answer(params, resp):
                     yield event
+            else:
+                async with contextlib.aclosing(self._blocks(resp)) as blocks:  # the events inline: no hop of their own
+                    started, done = False, set[int]()
+                    async for block, lines in blocks:
+                        event, prompt_tokens = self._event(params, block, lines, done)
+                        if event is None:
+                            continue
+                        if event is _END:
+                            break
+                        if isinstance(event, Failed):
+                            finished = True
+                            yield event
+                            return
+                        if not started:
+                            started = True
+                            yield Started(queue_seconds=0.0, prompt_tokens=prompt_tokens)
+                        yield event
+                        if len(done) >= params.n:
+                            break
+                if len(done) < params.n:
+                    raise BackendFailed(f"upstream {self.name} ended the stream after {len(done)} of {params.n} images")
             finished = True
             yield Done(seconds=time.monotonic() - t0)
         finally:
@@ -394,7 +411,7 @@ class UpstreamBackend:
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             raise BackendFailed(f"upstream {self.name} broke off its answer: {_what(e)}") from None
 
-    async def _answer(self, params: GenerationParams, resp: aiohttp.ClientResponse) -> AsyncIterator[WorkerEvent]:
+    async def _answer(self, params: GenerationParams, resp: aiohttp.ClientResponse) -> list[WorkerEvent]:
         """One JSON answer: Started, then an Image per item."""
         body = await self._read(resp)
         try:
@@ -410,10 +427,8 @@ class UpstreamBackend:
             fetched = await asyncio.gather(*(self._fetch(answer.data[i].url) for i in missing))
             for i, data in zip(missing, fetched, strict=True):
                 images[i] = data
-        yield Started(queue_seconds=0.0, prompt_tokens=answer.usage.prompt_tokens() if answer.usage else 0)
-        for i, data in enumerate(images):
-            assert data is not None
-            yield Image(index=i, data=data, seed=params.seed + i)  # type: ignore[arg-type]
+        started = Started(queue_seconds=0.0, prompt_tokens=answer.usage.prompt_tokens() if answer.usage else 0)
+        return [started, *(Image(index=i, data=data, seed=params.seed + i) for i, data in enumerate(images))]  # type: ignore[arg-type]
 
     async def _fetch(self, url: str | None) -> bytes:
         if not url:
@@ -427,61 +442,52 @@ class UpstreamBackend:
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             raise BackendFailed(f"upstream {self.name}: fetching an image URL failed: {_what(e)}") from None
 
-    async def _events(self, params: GenerationParams, resp: aiohttp.ClientResponse) -> AsyncIterator[WorkerEvent]:
-        """The upstream's SSE stream: Started, then Partial and Image events as they come.
+    def _event(
+        self, params: GenerationParams, block: bytes, lines: list[int], done: set[int]
+    ) -> tuple[WorkerEvent | object | None, int]:
+        """One SSE event of the upstream's stream: (the worker event, the prompt's tokens if it says).
 
-        Each image event keeps its frame (:class:`RelayedPartial`, :class:`RelayedImage`) for the client's stream.
+        None for an event to skip, :data:`_END` for ``[DONE]``; a completed image's index is added to ``done``. An
+        image event keeps its frame (:class:`RelayedPartial`, :class:`RelayedImage`) for the client's stream.
         """
-        started = False
-        done: set[int] = set()
-        async for block, lines in self._blocks(resp):
-            buf, start, end = _data(block, lines)
-            if buf is None:
-                continue
-            if buf[start:end] == b"[DONE]":
-                break
-            try:
-                skeleton, found = _cut_images(buf, start, end)
-                event = _decode_event(skeleton)
-                image = _image(event.b64_json, found)
-            except MALFORMED as e:
-                raise BackendFailed(f"upstream {self.name} sent a malformed event: {e}") from None
-            if event.error or event.type == "error":
-                err = event.error if isinstance(event.error, _Error) else _Error(message=event.error or None)
-                invalid = err.type == "invalid_request_error"
-                yield Failed(
-                    message=(err.message or "the upstream's stream failed")
-                    if invalid
-                    else f"upstream {self.name}: {err.message or 'the stream failed'}",
-                    kind="invalid_request" if invalid else "internal",
-                    param=err.param if invalid else None,
-                )
-                return
-            partial = event.type.endswith(".partial_image")
-            completed = event.type.endswith(".completed")
-            if not (partial or completed):
-                continue
-            if image is None:
-                raise BackendFailed(f"upstream {self.name} sent a {event.type} event without b64_json")
-            if not started:
-                started = True
-                usage = event.usage.prompt_tokens() if event.usage else 0
-                yield Started(queue_seconds=0.0, prompt_tokens=usage)
-            # OpenAI's events carry no image index: images then come one after the other.
-            index = event.image_index if event.image_index is not None else len(done)
-            # Passed on as it came only where the gateway would send the same: plain base64, and the image's index
-            # in the event (or no other image to tell it from).
-            relayed = isinstance(image, Base64) and (event.image_index is not None or params.n == 1)
-            frame = _frame(block, buf, start, end, event.type) if relayed else b""
-            if partial:
-                p_index = event.partial_image_index
-                yield RelayedPartial(image_index=index, partial_index=p_index, data=image, frame=frame)  # type: ignore[arg-type]
-            else:
-                done.add(index)
-                yield RelayedImage(index=index, data=image, seed=params.seed + index, frame=frame)  # type: ignore[arg-type]
-                if len(done) >= params.n:
-                    return
-        raise BackendFailed(f"upstream {self.name} ended the stream after {len(done)} of {params.n} images")
+        buf, start, end = _data(block, lines)
+        if buf is None:
+            return None, 0
+        if buf[start:end] == b"[DONE]":
+            return _END, 0
+        try:
+            skeleton, found = _cut_images(buf, start, end)
+            event = _decode_event(skeleton)
+            image = _image(event.b64_json, found)
+        except MALFORMED as e:
+            raise BackendFailed(f"upstream {self.name} sent a malformed event: {e}") from None
+        if event.error or event.type == "error":
+            err = event.error if isinstance(event.error, _Error) else _Error(message=event.error or None)
+            invalid = err.type == "invalid_request_error"
+            failed = Failed(
+                message=(err.message or "the upstream's stream failed")
+                if invalid
+                else f"upstream {self.name}: {err.message or 'the stream failed'}",
+                kind="invalid_request" if invalid else "internal",
+                param=err.param if invalid else None,
+            )
+            return failed, 0
+        partial = event.type.endswith(".partial_image")
+        if not (partial or event.type.endswith(".completed")):
+            return None, 0
+        if image is None:
+            raise BackendFailed(f"upstream {self.name} sent a {event.type} event without b64_json")
+        # OpenAI's events carry no image index: images then come one after the other.
+        index = event.image_index if event.image_index is not None else len(done)
+        # Passed on as it came only where the gateway would send the same: plain base64, and the image's index in
+        # the event (or no other image to tell it from).
+        relayed = isinstance(image, Base64) and (event.image_index is not None or params.n == 1)
+        frame = _frame(block, buf, start, end, event.type) if relayed else b""
+        tokens = event.usage.prompt_tokens() if event.usage else 0
+        if partial:
+            return RelayedPartial(index, event.partial_image_index, image, frame=frame), tokens  # type: ignore[arg-type]
+        done.add(index)
+        return RelayedImage(index, image, params.seed + index, frame=frame), tokens  # type: ignore[arg-type]
 
     async def _blocks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[bytes, list[int]]]:
         """The SSE stream's events as they came, each with its blank line, and the offset of each newline in it.

@@ -83,8 +83,8 @@ class Member:
         return bool(getattr(self.backend, "training", 0))
 
     def _gauges(self) -> None:
-        metrics.BACKEND_IN_FLIGHT.labels(self.name).set(self.outstanding)
-        metrics.BACKEND_QUEUE_DEPTH.labels(self.name).set(self.queued)
+        metrics.child(metrics.BACKEND_IN_FLIGHT, self.name).set(self.outstanding)
+        metrics.child(metrics.BACKEND_QUEUE_DEPTH, self.name).set(self.queued)
 
 
 @dataclass(eq=False)
@@ -337,7 +337,7 @@ class Pool:
                 retry_after=max(1.0, math.ceil(estimate)),
             )
         member = (adapters and adapter_affinity(candidates, adapters, work)) or self.policy.choose(candidates, work)
-        metrics.BACKEND_REQUESTS.labels(member.name).inc()
+        metrics.child(metrics.BACKEND_REQUESTS, member.name).inc()
         member.outstanding += 1
         member.outstanding_work += work
         member.queued += 1
@@ -345,7 +345,7 @@ class Pool:
         self._outstanding[model] += 1
         self._idle.clear()
         self._queued[model] += 1
-        metrics.QUEUE_DEPTH.labels(model).set(self._queued[model])
+        metrics.child(metrics.QUEUE_DEPTH, model).set(self._queued[model])
         return Lease(pool=self, member=member, model=model, work=work)
 
     def queue_depth(self, model: str) -> int:
@@ -360,7 +360,7 @@ class Pool:
 
     def _dequeue(self, lease: Lease) -> None:
         self._queued[lease.model] -= 1
-        metrics.QUEUE_DEPTH.labels(lease.model).set(self._queued[lease.model])
+        metrics.child(metrics.QUEUE_DEPTH, lease.model).set(self._queued[lease.model])
         lease.member.queued -= 1
         lease.member._gauges()
 

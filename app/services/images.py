@@ -659,7 +659,7 @@ class ImageService:
             raise
         finally:
             job.finish(job.params.n if outcome == "success" else delivered if streamed else 0)
-            metrics.IMAGES.labels(dispatch.params.model, outcome).inc(job.params.n)
+            metrics.child(metrics.IMAGES, dispatch.params.model, outcome).inc(job.params.n)
 
     async def respond(
         self,

@@ -67,7 +67,7 @@ class Database:
         # Lookups made on every request (keys, their version) run on the event loop through a connection of their
         # own in autocommit mode: each read sees the latest commit, and an indexed read costs less than a thread hop.
         self.reader = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        self._raw = self.reader.connection.dbapi_connection if self.sqlite else None
+        self._raw = self.reader.connection.dbapi_connection.cursor() if self.sqlite else None
 
     def data_version(self) -> int | None:
         """A number that moves with every commit of any other connection; None where the engine has none.
@@ -75,7 +75,10 @@ class Database:
         On SQLite this is ``PRAGMA data_version`` on the reader's connection: this process's writers and other
         processes alike move it, and it costs a few microseconds where a query through SQLAlchemy costs a hundred.
         """
-        return None if self._raw is None else self._raw.execute("PRAGMA data_version").fetchone()[0]
+        if self._raw is None:
+            return None
+        self._raw.execute("PRAGMA data_version")
+        return self._raw.fetchone()[0]
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -98,6 +101,8 @@ class Database:
         return await asyncio.to_thread(self.read, work)
 
     def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
         self.reader.close()
         self.engine.dispose()
 

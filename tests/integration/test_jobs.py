@@ -437,10 +437,12 @@ def test_webhooks_are_signed_retried_and_stop_at_410(tmp_path, slow, receiver):
         while not any(r["status"] == 410 for r in receiver.received):
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        while (r := client.post("/v1/images/generations", json=body(webhook_url=url), headers=ASYNC)).status_code != 400:
+            assert r.status_code == 202 and time.monotonic() < deadline  # until the 410 is on record
+            time.sleep(0.05)
+        assert "410" in r.json()["error"]["message"]
         time.sleep(0.5)
         assert sum(r["status"] == 410 for r in receiver.received) == 1  # nothing more after Gone
-        r = client.post("/v1/images/generations", json=body(webhook_url=url), headers=ASYNC)
-        assert r.status_code == 400 and "410" in r.json()["error"]["message"]
         metrics = client.get("/metrics").text
         assert 'imagegate_webhook_deliveries_total{outcome="retry"} 2.0' in metrics
         assert 'imagegate_webhook_deliveries_total{outcome="gone"} 1.0' in metrics
