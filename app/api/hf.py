@@ -21,7 +21,7 @@ from app.worker.protocol import image_bytes
 async def _image(request: Request, images: ImageService, req: ImageGenerateRequest, wait: float) -> bytes:
     await images.wait_ready(req.model, wait)
     result = await unless_disconnected(request, images.generate(req, base_url(request), request.user))
-    return image_bytes(result.data[0].b64_json)  # type: ignore[arg-type]
+    return bytes(image_bytes(result.data[0].b64_json))  # type: ignore[arg-type]
 
 
 class HuggingFaceController(Controller):

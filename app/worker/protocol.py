@@ -303,22 +303,28 @@ class Base64:
         self.json = json
 
 
-def image_bytes(data: bytes | Base64) -> bytes:
+def image_bytes(data: bytes | memoryview | Base64) -> bytes | memoryview:
     """The image itself, from the ``data`` of a :class:`Partial` or :class:`Image`."""
     return binascii.a2b_base64(memoryview(data.json)[1:-1]) if isinstance(data, Base64) else data
 
 
 class Partial(msgspec.Struct, tag="partial"):
-    """A preview of image ``image_index``; ``partial_index`` counts from 0 per image."""
+    """A preview of image ``image_index``; ``partial_index`` counts from 0 per image.
+
+    ``data`` is the encoded image: bytes where it is made; decoded from a frame, a view into that frame (not copied
+    on its way to the client's JSON, which base64-encodes it straight into the event).
+    """
 
     image_index: int
     partial_index: int
-    data: bytes
+    data: memoryview
 
 
 class Image(msgspec.Struct, tag="image"):
+    """A final image; ``data`` as in :class:`Partial`."""
+
     index: int
-    data: bytes
+    data: memoryview
     seed: int
     nsfw: bool = False
     """The safety checker flagged it (and it was treated as the job asked)."""
