@@ -27,7 +27,7 @@ from app.api.hf import HuggingFaceController
 from app.api.images import ImagesController, UploadsController
 from app.api.infer import InferController
 from app.api.instrument import HEADER as OVERHEAD_HEADER
-from app.api.instrument import instrument_middleware
+from app.api.instrument import REQUEST_ID_HEADER, instrument_middleware
 from app.api.jobs import JobsController, WebhookSecretsController
 from app.api.modelslab import ModelsLabController
 from app.api.playground import STATIC_DIR, PlaygroundController
@@ -168,7 +168,17 @@ def create_app(
         CORSConfig(
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=["authorization", "content-type", "x-api-key", "x-bf-vk", "prefer", "idempotency-key"],
+            allow_headers=[
+                "authorization",
+                "content-type",
+                "x-api-key",
+                "x-bf-vk",
+                "prefer",
+                "idempotency-key",
+                REQUEST_ID_HEADER.decode(),
+                "traceparent",
+                "tracestate",
+            ],
             expose_headers=[
                 "retry-after",
                 "x-should-retry",
@@ -176,6 +186,7 @@ def create_app(
                 "location",
                 "preference-applied",
                 OVERHEAD_HEADER.decode(),
+                REQUEST_ID_HEADER.decode(),
             ],
         )
         if settings.cors_origins

@@ -20,11 +20,11 @@ import click
 
 from app.config import ConfigError, Settings, field_docs, list_fields, load_settings, scalar_fields
 
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
+def _setup_logging(settings: Settings) -> None:
+    from app import logs
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    logs.setup(settings.log_level, settings.log_format)
 
 
 def _settings(config: str | None, overrides: dict[str, Any]) -> Settings:
@@ -68,11 +68,12 @@ def serve(config: str | None, **overrides: Any) -> None:
     """Run the gateway and the local workers the configuration names."""
     import uvicorn
 
+    from app import telemetry
     from app.asgi import DrainingServer, create_app
     from app.auth import startup
 
     settings = _settings(config, overrides)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
     try:
         warning = startup.check(settings)
     except startup.InsecureBind as e:
@@ -94,6 +95,7 @@ def serve(config: str | None, **overrides: Any) -> None:
         settings.data_dir,
     )
     _raise_open_files_limit()
+    telemetry.setup(telemetry.GATEWAY)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -101,12 +103,16 @@ def serve(config: str | None, **overrides: Any) -> None:
         port=settings.port,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         http="httptools",
+        log_config=None,  # uvicorn's lines go through imagegate's handler, in its format
         log_level=settings.log_level,
-        access_log=False,
+        access_log=False,  # imagegate.access logs each request instead
         timeout_keep_alive=75,
         timeout_graceful_shutdown=15,
     )
-    DrainingServer(config, app, settings.drain_timeout).run()
+    try:
+        DrainingServer(config, app, settings.drain_timeout).run()
+    finally:
+        telemetry.shutdown()
 
 
 def _raise_open_files_limit() -> None:
@@ -136,27 +142,32 @@ def worker(
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import asyncio
 
+    from app import telemetry
     from app.worker.pipelines import quiet_libraries
     from app.worker.server import serve as serve_worker
 
     settings = _settings(config, {"data_dir": data_dir})
-    _setup_logging(settings.log_level)
+    _setup_logging(settings)
     quiet_libraries()
+    telemetry.setup(telemetry.WORKER)
     chosen = [m for m in settings.resolved_models() if (m.name in models if models else device in m.devices)]
     if not chosen:
         raise click.UsageError(f"no model to serve on {device}")
     if not listen.startswith("unix:") and not (token or settings.worker_token):
         logging.getLogger("imagegate.worker").warning("listening on TCP without a worker token")
-    code = asyncio.run(
-        serve_worker(
-            device,
-            listen,
-            chosen,
-            token=token or settings.worker_token,
-            parent_pid=kw["parent_pid"],
-            batch_window_ms=settings.batch_window_ms,
+    try:
+        code = asyncio.run(
+            serve_worker(
+                device,
+                listen,
+                chosen,
+                token=token or settings.worker_token,
+                parent_pid=kw["parent_pid"],
+                batch_window_ms=settings.batch_window_ms,
+            )
         )
-    )
+    finally:
+        telemetry.shutdown()  # before os._exit, which runs no exit handlers: the last spans are exported
     logging.shutdown()
     os._exit(code)  # a model still loading on the engine thread must not hold the process
 

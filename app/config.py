@@ -378,6 +378,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = msgspec.field(default_factory=list)
     image_url_timeout: Annotated[float, _doc("Seconds allowed to fetch one image URL.")] = 10.0
     log_level: Annotated[Literal["debug", "info", "warning", "error"], _doc("Log verbosity.")] = "info"
+    log_format: Annotated[
+        Literal["plain", "json"],
+        _doc("Log lines as plain text or as one JSON object each (gateway and local workers alike)."),
+    ] = "plain"
     admin_key: Annotated[str, _doc("Key for the admin API (better given as IMAGEGATE_ADMIN_KEY).")] = ""
     api_keys: Annotated[list[ApiKeyConfig], _doc("Static API keys.")] = msgspec.field(default_factory=list)
     users: Annotated[list[UserConfig], _doc("Users for HTTP Basic auth.")] = msgspec.field(default_factory=list)

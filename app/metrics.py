@@ -142,16 +142,19 @@ WEBHOOK_SECONDS = Histogram(
 WEBHOOK_OUTBOX = Gauge("imagegate_webhook_outbox_depth", "Webhook deliveries waiting to be sent or retried.")
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestTiming:
-    """Where one request's time went, for :data:`OVERHEAD_SECONDS`.
+    """Where one request's time went, for :data:`OVERHEAD_SECONDS`, and what its access log line names.
 
-    Seconds spent waiting on backends and on the client (sending a stream); the rest is the gateway's own.
+    Seconds spent waiting on backends and on the client (sending a stream); the rest is the gateway's own. The pool
+    notes the request's model and the backend of its last attempt (``backend_name``).
     """
 
     backend: float = 0.0
     client: float = 0.0
     used_backend: bool = False
+    model: str | None = None
+    backend_name: str | None = None
 
 
 current_timing: ContextVar[RequestTiming | None] = ContextVar("imagegate_request_timing", default=None)

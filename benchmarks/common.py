@@ -53,14 +53,29 @@ def children(pid: int) -> list[int]:
 
 
 def start_server(
-    data_dir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+    data_dir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300, log: Path | None = None
 ) -> tuple[subprocess.Popen, str, float]:
-    """Start ``python -m app serve`` and wait for /ready; returns the process, its URL and the seconds it took."""
+    """Start ``python -m app serve`` and wait for /ready; returns the process, its URL and the seconds it took.
+
+    It logs at ``warning`` unless ``args`` say otherwise (a later ``--log-level`` wins), to ``log`` when given (else
+    to this process's stdout and stderr).
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     cmd = [sys.executable, "-m", "app", "serve", "--port", str(port), "--data-dir", str(data_dir)]
-    proc = subprocess.Popen([*cmd, "--log-level", "warning", *args], cwd=ROOT, env=env)
+    out = None if log is None else log.open("ab")
+    try:
+        proc = subprocess.Popen(
+            [*cmd, "--log-level", "warning", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+        )
+    finally:
+        if out is not None:
+            out.close()
     while True:
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:

@@ -226,13 +226,31 @@ def imagegate_config(path: Path, models: dict[str, str], *, concurrency: int = 2
     return path
 
 
-def start_imagegate(tmp: Path, cpus: Sequence[int], models: dict[str, str]) -> Proc:
-    config = imagegate_config(tmp / "imagegate.toml", models)
-    data = tmp / "imagegate-data"
+def start_imagegate(
+    tmp: Path,
+    cpus: Sequence[int],
+    models: dict[str, str],
+    *,
+    name: str = "imagegate",
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+) -> Proc:
+    """``imagegate serve`` with the stub's models as upstreams, pinned to ``cpus``.
+
+    ``args``: more flags (``--log-level info``); ``env``: variables added to this process's environment
+    (``OTEL_*``); ``log``: where its output goes (default: this process's stdout and stderr). Several can run side by
+    side under different ``name``s (each has its own directory under ``tmp``).
+    """
+    where = tmp if name == "imagegate" else tmp / name
+    where.mkdir(exist_ok=True)
+    config = imagegate_config(where / "imagegate.toml", models)
+    data = where / "imagegate-data"
     data.mkdir(exist_ok=True)
-    proc, url, seconds = start_server(data, "--config", str(config), timeout=120)
+    environ = None if env is None else {**os.environ, **env}
+    proc, url, seconds = start_server(data, "--config", str(config), *args, env=environ, timeout=120, log=log)
     pin(proc.pid, cpus)
-    return Proc("imagegate", proc, url, tuple(cpus), None, {"ready_s": round(seconds, 2), "config": config.read_text()})
+    return Proc(name, proc, url, tuple(cpus), log, {"ready_s": round(seconds, 2), "config": config.read_text()})
 
 
 def stop_imagegate(p: Proc | None) -> None:

@@ -14,6 +14,7 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.exceptions.http_exceptions import MethodNotAllowedException
 
+from app.api.instrument import REQUEST_ID_HEADER, SCOPE_REQUEST_ID, request_id
 from app.errors import ApiError, ErrorResponse, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from app.protocol import a1111, hf, modelslab
 
@@ -81,13 +82,18 @@ def _from_http(exc: HTTPException) -> ApiError:
 
 
 def handle(request: Request, exc: Exception) -> Response[bytes]:
-    path = request.scope["path"]
+    scope = request.scope
+    path = scope["path"]
     if isinstance(exc, ApiError):
-        return error_response(exc, path)
-    if isinstance(exc, HTTPException):
-        return error_response(_from_http(exc), path)
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(ApiError("The server had an error while processing your request."), path)
+        response = error_response(exc, path)
+    elif isinstance(exc, HTTPException):
+        response = error_response(_from_http(exc), path)
+    else:
+        log.exception("unhandled error on %s %s", request.method, path)
+        response = error_response(ApiError("The server had an error while processing your request."), path)
+    if SCOPE_REQUEST_ID not in scope:  # no route matched (404, 405): the instrumentation never saw the request
+        response.headers[REQUEST_ID_HEADER.decode()] = request_id(scope["headers"])
+    return response
 
 
 EXCEPTION_HANDLERS = {Exception: handle}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from app import metrics
+from app import metrics, telemetry
 from app.api.errors import error_response
 from app.auth.principals import ANONYMOUS, Authenticator
 from app.errors import ApiError, PermissionDenied
@@ -41,14 +41,17 @@ class AuthMiddleware:
         if needs_credential:
             auth: Authenticator = state.auth
             try:
-                if await auth.anonymous():
-                    principal = ANONYMOUS
-                else:
-                    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-                    principal = await auth.authenticate(headers)
-                if needs_admin and not principal.admin:
-                    metrics.LIMIT_REJECTIONS.labels("admin").inc()
-                    raise PermissionDenied("This route needs an admin credential.", code="admin_required")
+                with telemetry.span("auth") as span:
+                    if await auth.anonymous():
+                        principal = ANONYMOUS
+                    else:
+                        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+                        principal = await auth.authenticate(headers)
+                    if span is not None:
+                        span.set_attributes({"imagegate.principal": principal.id, "imagegate.auth": principal.kind})
+                    if needs_admin and not principal.admin:
+                        metrics.LIMIT_REJECTIONS.labels("admin").inc()
+                        raise PermissionDenied("This route needs an admin credential.", code="admin_required")
             except ApiError as error:
                 response = error_response(error, scope["path"])
                 await response.to_asgi_response(app=None, request=None)(scope, receive, send)  # type: ignore[arg-type]

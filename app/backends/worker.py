@@ -1,4 +1,7 @@
-"""WorkerBackend: the gateway's client of one imagegate worker, over a Unix socket or TCP."""
+"""WorkerBackend: the gateway's client of one imagegate worker, over a Unix socket or TCP.
+
+With tracing on, each job's request carries the current trace context (``traceparent``: the attempt's span).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import BinaryIO
 import aiohttp
 import msgspec
 
+from app import telemetry
 from app.errors import BackendFailed
 from app.worker.protocol import (
     CONTENT_TYPE,
@@ -118,8 +122,11 @@ class WorkerBackend:
 
     async def _stream(self, path: str, head: bytes, attachments: Sequence[BinaryIO]) -> AsyncIterator[WorkerEvent]:
         body = _stream_body(head, attachments) if attachments else head
+        headers = {"content-type": CONTENT_TYPE}
+        if telemetry.ENABLED:  # the worker's spans of the job join the request's trace, under the attempt's span
+            telemetry.inject(headers)
         try:
-            resp = await self._client().post(f"{self._base}{path}", data=body, headers={"content-type": CONTENT_TYPE})
+            resp = await self._client().post(f"{self._base}{path}", data=body, headers=headers)
         except (aiohttp.ClientError, OSError) as e:
             raise BackendFailed(f"worker {self.name} is unreachable: {e}") from None
         finished = False

@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import BinaryIO
 
-from app import metrics
+from app import metrics, telemetry
 from app.errors import ApiError, BackendFailed, DeadlineExceeded, InvalidRequest, Overloaded, Unavailable, from_worker
 from app.pool.pool import Lease, Member, Pool
 from app.worker.protocol import Done, Failed, GenerationParams, Image, Partial, Progress, Started, WorkerEvent
@@ -42,6 +42,10 @@ class Dispatch:
        retried: another backend would fail the same way.
     4. The deadline covers every attempt. A backend that started the job and then said nothing until the deadline
        counts as failed; one that never started it was only busy.
+
+    With tracing on, an ``admission`` span runs from admission until a backend started the job (the queue wait),
+    and each attempt is a ``backend <name>`` span (failed with the backend's error when it lost the job); the backend
+    is called with the attempt's span current, so a worker's spans join the request's trace.
     """
 
     def __init__(
@@ -65,6 +69,15 @@ class Dispatch:
         self.deadline = time.monotonic() + timeout
         self.lease: Lease | None = None
         self.tried: list[Member] = []
+        self.attempts = 0
+        self._admission = None
+        # Traced within a traced request (a job run by the job layer has none: its worker traces it alone).
+        self.traced = telemetry.ENABLED and telemetry.in_trace()
+        if self.traced:
+            self._admission = telemetry.start_span("admission", attributes={"imagegate.model": params.model})
+        timing = metrics.current_timing.get()
+        if timing is not None:
+            timing.model = params.model
 
     def admit(self) -> None:
         """Take a place on a backend of the job's model, else of a fallback model.
@@ -77,10 +90,20 @@ class Dispatch:
             self.lease = self.pool.acquire(p.model, p.work, p.task, adapters=frozenset(r.digest for r in p.loras))
         except (Overloaded, Unavailable) as e:
             if not self._fall_back(e):
+                self._admitted(e)
                 raise
+
+    def _admitted(self, error: ApiError | None = None) -> None:
+        """End the admission span: a backend started the job, or it never will (``error``, or the client left)."""
+        span, self._admission = self._admission, None
+        if span is not None:
+            if error is not None:
+                telemetry.fail(span, error, record=False)
+            span.end()
 
     def release(self) -> bool:
         """Give back the job's place if it still holds one (the client left before it ran); True if it did."""
+        self._admitted()
         if self.lease is None or self.lease.released:
             return False
         self.lease.release(succeeded=False)
@@ -147,8 +170,21 @@ class Dispatch:
         lease = self.lease
         assert lease is not None
         member, model = lease.member, self.params.model
+        self.attempts += 1
+        span = None
+        if self.traced:
+            span = telemetry.start_span(
+                f"backend {member.name}",
+                attributes={
+                    "imagegate.backend": member.name,
+                    "imagegate.attempt": self.attempts,
+                    "imagegate.model": model,
+                },
+            )
         events = member.backend.generate(self.params, self.attachments)
         timing = metrics.request_timing()
+        if timing is not None:
+            timing.backend_name = member.name
         first_partial, last_step, succeeded = True, 0.0, False
         # One timer for the whole attempt: it cancels the wait for the backend's next event, never the code that
         # handles an event (which runs in the same task between two waits).
@@ -169,7 +205,7 @@ class Dispatch:
                     if expired:
                         raise TimeoutError
                     waiting = asyncio.current_task()
-                    event = await anext(events)
+                    event = await (anext(events) if span is None else _within(span, anext(events)))
                 except StopAsyncIteration:
                     raise self._lost(member, BackendFailed("the backend ended the stream without a result")) from None
                 except BackendFailed as e:
@@ -188,6 +224,9 @@ class Dispatch:
                 if isinstance(event, Started):
                     metrics.QUEUE_WAIT_SECONDS.labels(model).observe(lease.started())
                     metrics.BATCH_SIZE.labels(model).observe(event.batch_size)
+                    if span is not None:
+                        self._admitted()
+                        span.set_attribute("imagegate.batch_size", event.batch_size)
                 elif isinstance(event, Progress):
                     if last_step:
                         metrics.STEP_SECONDS.labels(model).observe(now - last_step)
@@ -203,10 +242,19 @@ class Dispatch:
                     if lease.started_at is not None:
                         metrics.GENERATION_SECONDS.labels(model).observe(now - lease.started_at)
                     return
+        except BaseException as e:
+            if span is not None:
+                if isinstance(e, GeneratorExit | asyncio.CancelledError):
+                    span.set_attribute("imagegate.cancelled", True)
+                else:
+                    telemetry.fail(span, e.error if isinstance(e, _BackendLost) else e)
+            raise
         finally:
             timer.cancel()
             await events.aclose()
             lease.release(succeeded=succeeded)
+            if span is not None:
+                span.end()
 
     def _late(self, lease: Lease) -> DeadlineExceeded:
         """The deadline passed: a backend that started the job and then said nothing counts as failed."""
@@ -217,3 +265,12 @@ class Dispatch:
     def _lost(self, member: Member, error: BackendFailed) -> _BackendLost:
         self.pool.failed(member, error.message)
         return _BackendLost(error)
+
+
+async def _within(span: telemetry.Span, step: Awaitable[WorkerEvent]) -> WorkerEvent:
+    """Await a backend's next event with ``span`` current: what the backend sends carries it (``traceparent``)."""
+    token = telemetry.attach(span)
+    try:
+        return await step
+    finally:
+        telemetry.detach(token)

@@ -102,16 +102,21 @@ class Supervisor:
             self.workers.append(worker)
 
     def _environment(self, w: LocalWorker) -> dict[str, str] | None:
-        """The environment of ``w``'s process: CPU workers on this host share its cores instead of each taking all.
+        """The environment of ``w``'s process: the gateway's, with its own share of the cores and its service name.
 
         torch gives every process one thread per core, so two CPU workers would run twice as many threads as there
         are cores and slow each other down. Each CPU worker gets ``OMP_NUM_THREADS`` = cores // CPU workers (at least
-        1) unless the environment sets it; other devices inherit the environment unchanged (``None``).
+        1) unless the environment sets it. Workers inherit the ``OTEL_*`` variables (they trace when the gateway
+        does); a gateway named by ``OTEL_SERVICE_NAME`` has workers named ``<that name>-worker``, else they are
+        ``imagegate-worker``. ``None``: the environment unchanged.
         """
-        if w.device != "cpu" or "OMP_NUM_THREADS" in os.environ:
-            return None
-        sharing = sum(device == "cpu" for device, _ in self._layout())
-        return {**os.environ, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // sharing))}
+        changes: dict[str, str] = {}
+        if w.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            sharing = sum(device == "cpu" for device, _ in self._layout())
+            changes["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // sharing))
+        if os.environ.get("OTEL_SERVICE_NAME"):
+            changes["OTEL_SERVICE_NAME"] = f"{os.environ['OTEL_SERVICE_NAME']}-worker"
+        return {**os.environ, **changes} if changes else None
 
     def _command(self, w: LocalWorker) -> list[str]:
         cmd = [sys.executable, "-m", "app", "worker", "--device", w.device, "--listen", f"unix:{w.socket_path}"]

@@ -13,6 +13,9 @@ own events: ``Started`` (with the batch's size), its progress, its partial image
 its rows of the batch), its images and ``Done``. A cancelled job ends at the next denoising step while the others go
 on; the call stops only when every job in it is cancelled. When a batch of several fails, whatever the error, its
 jobs run again one at a time, so only the job at fault fails.
+
+Tracing (when on, and the gateway sent a trace context): each job has its own spans (:class:`JobSpans`), even in a
+batch, whose shared pipeline call then shows in each job's trace with its ``imagegate.batch_size``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from app import telemetry
 from app.config import ModelConfig
 from app.worker import images
 from app.worker.adapters import AdapterFiles, LoadedAdapters
@@ -112,6 +116,74 @@ class JobCancelled(Exception):
     """Raised inside the denoising loop when every job of the pipeline call has been cancelled."""
 
 
+class JobSpans:
+    """One job's spans on this worker, children of the trace context its request carried.
+
+    ``queue`` (submitted until its batch starts), ``pipeline`` (the pipeline call, shared by its batch), under it
+    ``denoising`` (from the call's start to its last step, prompt encoding included: pipelines have no hook before
+    their first step; one ``step`` event per step), ``preview`` (each partial image: decoded on the engine thread,
+    encoded on the encoder thread) and ``encode`` (the final images). Spans end on the thread that ends their work.
+    """
+
+    __slots__ = ("_last_step", "_lock", "context", "denoising", "pipeline", "queue")
+
+    def __init__(self, context: telemetry.Context) -> None:
+        self.context = context
+        self._lock = threading.Lock()
+        self.queue: telemetry.Span | None = telemetry.start_span("queue", context=context)
+        self.pipeline: telemetry.Span | None = None
+        self.denoising: telemetry.Span | None = None
+        self._last_step: int | None = None
+
+    def _end_queue(self, **attributes: object) -> None:
+        with self._lock:
+            span, self.queue = self.queue, None
+        if span is not None:
+            span.set_attributes(attributes)  # type: ignore[arg-type]
+            span.end()
+
+    def started(self, batch_size: int) -> None:
+        """Its batch starts (engine thread)."""
+        self._end_queue(**{"imagegate.batch_size": batch_size})
+
+    def call(self, batch_size: int, steps: int) -> None:
+        """Its pipeline call starts (engine thread)."""
+        attributes = {"imagegate.batch_size": batch_size, "imagegate.steps": steps}
+        self.pipeline = telemetry.start_span("pipeline", context=self.context, attributes=attributes)
+        self.denoising = telemetry.start_span("denoising", context=telemetry.context_with(self.pipeline))
+        self._last_step = None
+
+    def step(self, step: int, total: int) -> None:
+        """A denoising step ended (engine thread)."""
+        if self.denoising is not None:
+            self._last_step = time.time_ns()
+            self.denoising.add_event("step", {"step": step, "total": total}, timestamp=self._last_step)
+
+    def returned(self, error: BaseException | None = None) -> None:
+        """Its pipeline call returned, or raised ``error`` (engine thread): denoising ended at its last step."""
+        for span, end in ((self.denoising, self._last_step), (self.pipeline, None)):
+            if span is None:
+                continue
+            if isinstance(error, JobCancelled):
+                span.set_attribute("imagegate.cancelled", True)
+            elif error is not None:
+                telemetry.fail(span, error)
+            span.end(end_time=end if error is None else None)
+        self.denoising = self.pipeline = None
+
+    def preview(self, started_ns: int) -> telemetry.Span:
+        parent = self.denoising or self.pipeline
+        context = self.context if parent is None else telemetry.context_with(parent)
+        return telemetry.start_span("preview", context=context, start_time=started_ns)
+
+    def encode(self) -> telemetry.Span:
+        return telemetry.start_span("encode", context=self.context)
+
+    def finish(self) -> None:
+        """The job's request ended: a job that never left the queue ends its wait there."""
+        self._end_queue(**{"imagegate.cancelled": True})
+
+
 @dataclass(eq=False)
 class Job:
     params: GenerationParams
@@ -122,6 +194,8 @@ class Job:
     events: asyncio.Queue[WorkerEvent] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
+    spans: JobSpans | None = None
+    """Its spans, when tracing is on and its request carried a trace context."""
 
     @property
     def pixels(self) -> int:
@@ -250,7 +324,15 @@ class Engine:
             },
         )
 
-    def submit(self, params: GenerationParams, image: bytes | None = None, mask: bytes | None = None) -> Job:
+    def submit(
+        self,
+        params: GenerationParams,
+        image: bytes | None = None,
+        mask: bytes | None = None,
+        *,
+        trace: telemetry.Context | None = None,
+    ) -> Job:
+        """Queue a job (or fail it at once); ``trace``: the context its spans are children of (tracing on)."""
         job = Job(params, image, mask)
         loaded = self.models.get(params.model)
         if loaded is None:
@@ -277,6 +359,8 @@ class Engine:
             job.events.put_nowait(Failed(f"model {params.model!r} does not take a negative_prompt", "invalid_request"))
         else:
             job.key = batch_key(params, loaded)
+            if trace is not None:
+                job.spans = JobSpans(trace)
             self._waiting.append(job)
             self._arrived.set()
         return job
@@ -419,6 +503,8 @@ class Engine:
         for run in runs:
             tokens = loaded.count_tokens(run.job.params.prompt)
             run.emit(Started(queue_seconds=t0 - run.job.enqueued_at, prompt_tokens=tokens, batch_size=len(runs)))
+            if run.job.spans is not None:
+                run.job.spans.started(len(runs))
         self._attempt(loaded, runs, t0)
 
     def _attempt(self, loaded: LoadedModel, runs: list[_Run], t0: float) -> None:
@@ -477,10 +563,14 @@ class Engine:
     @staticmethod
     def _finals(run: _Run, pictures: list, flags: list[bool], t0: float) -> list[WorkerEvent]:
         p = run.job.params
-        events: list[WorkerEvent] = [
-            Image(index=i, data=encode_image(im, p.output_format, p.output_compression), seed=p.seed + i, nsfw=flags[i])
-            for i, im in enumerate(pictures)
-        ]
+        span = run.job.spans.encode() if run.job.spans is not None else None
+        try:
+            data = [encode_image(im, p.output_format, p.output_compression) for im in pictures]
+        finally:
+            if span is not None:
+                span.set_attributes({"imagegate.images": len(pictures), "imagegate.format": p.output_format})
+                span.end()
+        events: list[WorkerEvent] = [Image(index=i, data=d, seed=p.seed + i, nsfw=flags[i]) for i, d in enumerate(data)]
         return [*events, Done(seconds=time.monotonic() - t0)]
 
     def _live(self, runs: list[_Run]) -> list[_Run]:
@@ -591,10 +681,13 @@ class Engine:
                 marks.update({run: preview_steps(total, run.job.params.partial_images) for run in runs})
             for run in live:
                 run.emit(Progress(step=step, total=total))
+                if run.job.spans is not None:
+                    run.job.spans.step(step, total)
             # A run is owed the partial images whose steps have passed (a rerun skips those it has sent already).
             owed = {run: sum(m <= step for m in marks[run]) for run in live}
             due = [run for run in live if owed[run] > run.partials_sent]
             if due and not loaded.previews_failed:
+                decoding = time.time_ns()
                 x0 = tracker.latest if tracker.latest is not None else kwargs["latents"]
                 try:
                     pictures = loaded.previewer(x0[[row for run in due for row in rows[run]]], p.width, p.height)
@@ -604,7 +697,7 @@ class Engine:
                     pictures = []
                 for run in due if pictures else []:
                     n = run.job.params.n
-                    self._send_partials(run, pictures[:n], owed[run])
+                    self._send_partials(run, pictures[:n], owed[run], decoding)
                     pictures = pictures[n:]
             tracker.wanted = any(step + 1 in marks[run] for run in live)
             return kwargs
@@ -639,15 +732,35 @@ class Engine:
             kwargs["negative_prompt"] = [run.job.params.negative_prompt or "" for run in runs for _ in rows[run]]
             if loaded.family.negative_cfg and "true_cfg_scale" in accepts:  # else the pipeline ignores it
                 kwargs["true_cfg_scale"] = loaded.family.negative_cfg
-        return to_pictures(pipe(**kwargs).images)
+        traced = [run.job.spans for run in runs if run.job.spans is not None]
+        for spans in traced:
+            spans.call(len(runs), p.steps)
+        try:
+            output = pipe(**kwargs)
+        except BaseException as e:
+            for spans in traced:
+                spans.returned(e)
+            raise
+        for spans in traced:
+            spans.returned()
+        return to_pictures(output.images)
 
-    def _send_partials(self, run: _Run, pictures: list, upto: int) -> None:
-        """Send ``run`` its partial images numbered from ``partials_sent`` to ``upto`` (all showing ``pictures``)."""
+    def _send_partials(self, run: _Run, pictures: list, upto: int, decoding: int = 0) -> None:
+        """Send ``run`` its partial images numbered from ``partials_sent`` to ``upto`` (all showing ``pictures``).
+
+        ``decoding``: when their decoding started (``time.time_ns``), for the preview span.
+        """
         p = run.job.params
         first, run.partials_sent = run.partials_sent, upto
+        span = run.job.spans.preview(decoding or time.time_ns()) if run.job.spans is not None else None
 
         def partials() -> list[WorkerEvent]:
-            encoded = [encode_image(im, p.output_format, p.output_compression, fast=True) for im in pictures]
+            try:
+                encoded = [encode_image(im, p.output_format, p.output_compression, fast=True) for im in pictures]
+            finally:
+                if span is not None:
+                    span.set_attributes({"imagegate.partial_index": upto - 1, "imagegate.images": len(pictures)})
+                    span.end()
             return [
                 Partial(image_index=index, partial_index=k, data=data)
                 for k in range(first, upto)

@@ -1,4 +1,8 @@
-"""The worker's small HTTP app (aiohttp): health, generation, training and adapter files (see :mod:`.protocol`)."""
+"""The worker's small HTTP app (aiohttp): health, generation, training and adapter files (see :mod:`.protocol`).
+
+With tracing on, a job's request is a server span, child of the ``traceparent`` the gateway sent (its attempt's
+span); the engine adds the job's own spans under it (queue, pipeline, denoising, preview, encode).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
+from app import telemetry
 from app.config import ModelConfig
 from app.worker.engine import Engine, Job, Training
 from app.worker.protocol import (
@@ -60,30 +65,65 @@ async def generate(request: web.Request) -> web.StreamResponse:
     except (msgspec.DecodeError, asyncio.IncompleteReadError) as e:
         return web.Response(status=400, text=f"malformed job: {e}")
     engine = request.app[ENGINE]
-    response = web.StreamResponse(headers={"content-type": CONTENT_TYPE})
+    span = _server_span(request, params.request_id, params.model) if telemetry.ENABLED else None
+    last: WorkerEvent | None = None
     try:
-        await response.prepare(request)  # first: a gateway that already hung up gets no job run for nobody
-    except ConnectionResetError:
-        engine.cancelled += 1
-        log.debug("job %s: the gateway hung up before it started", params.request_id)
+        response = web.StreamResponse(headers={"content-type": CONTENT_TYPE})
+        try:
+            await response.prepare(request)  # first: a gateway that already hung up gets no job run for nobody
+        except ConnectionResetError:
+            engine.cancelled += 1
+            log.debug("job %s: the gateway hung up before it started", params.request_id)
+            return response
+        trace = None if span is None else telemetry.context_with(span)
+        last = await _relay(response, engine.submit(params, image, mask, trace=trace), params.request_id)
         return response
-    await _relay(response, engine.submit(params, image, mask), params.request_id)
-    return response
+    finally:
+        if span is not None:
+            _end(span, last)
 
 
-async def _relay(response: web.StreamResponse, job: Job | Training, request_id: str) -> None:
-    """Write ``job``'s events to the gateway until its last; a gateway that hangs up cancels it."""
+def _server_span(request: web.Request, request_id: str, model: str) -> telemetry.Span:
+    """A job's server span, child of the trace context in its request (the gateway's attempt)."""
+    attributes = {
+        "http.request.method": "POST",
+        "http.route": "/v1/generate",
+        "imagegate.job": request_id,
+        "imagegate.model": model,
+    }
+    context = telemetry.extract(request.headers)
+    return telemetry.start_span("POST /v1/generate", context=context, attributes=attributes, server=True)
+
+
+def _end(span: telemetry.Span, last: WorkerEvent | None) -> None:
+    """End a job's server span: failed with the job's error, or cancelled when the gateway hung up."""
+    if isinstance(last, Failed):
+        if last.kind == "cancelled":
+            span.set_attribute("imagegate.cancelled", True)
+        else:
+            telemetry.fail(span, f"{last.kind}: {last.message}")
+    elif last is None:
+        span.set_attribute("imagegate.cancelled", True)
+    span.end()
+
+
+async def _relay(response: web.StreamResponse, job: Job | Training, request_id: str) -> WorkerEvent | None:
+    """Write ``job``'s events to the gateway until its last, and return that; a gateway that hangs up cancels it."""
     finished = False
     try:
         while not finished:
             event: WorkerEvent = await job.events.get()
             finished = isinstance(event, Done | Failed)
             await response.write(encode_frame(event))
+        return event
     except ConnectionResetError:  # a hang-up is how a gateway cancels: the engine counts the job as cancelled
         log.debug("job %s: the gateway hung up", request_id)
+        return None
     finally:
         if not finished:  # the gateway hung up (or we are shutting down): stop the job at its next step
             job.cancel()
+        if isinstance(job, Job) and job.spans is not None:
+            job.spans.finish()
 
 
 async def train(request: web.Request) -> web.StreamResponse:

@@ -162,6 +162,42 @@ async def test_each_job_gets_its_own_partial_images(engine):
         assert_same(partial_pictures(events), partial_pictures(unbatched))
 
 
+async def test_each_job_of_a_batch_gets_its_own_spans(engine):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from app import telemetry
+
+    exporter = InMemorySpanExporter()
+    telemetry.setup(telemetry.WORKER, exporter=exporter)
+    try:
+        roots = [telemetry.start_span(f"job {k}", server=True) for k in range(2)]
+        jobs = [
+            engine.submit(params(k + 1, partial_images=k + 1), trace=telemetry.context_with(root))
+            for k, root in enumerate(roots)
+        ]
+        together = await asyncio.gather(*(events_of(job) for job in jobs))
+        for job in jobs:
+            job.spans.finish()  # as the server does when the job's request ends
+        for root in roots:
+            root.end()  # the engine's spans ended before the events they made were sent
+    finally:
+        telemetry.shutdown()
+    assert [started(events).batch_size for events in together] == [2, 2]
+    spans = exporter.get_finished_spans()
+    for k, root in enumerate(roots):
+        mine = [s for s in spans if s.context.trace_id == root.get_span_context().trace_id]
+        names = sorted(s.name for s in mine)
+        assert names == sorted([f"job {k}", "queue", "pipeline", "denoising", "encode", *["preview"] * (k + 1)])
+        named = {s.name: s for s in mine}
+        assert named["pipeline"].attributes["imagegate.batch_size"] == 2
+        assert named["queue"].attributes["imagegate.batch_size"] == 2
+        assert named["denoising"].parent.span_id == named["pipeline"].context.span_id
+        assert [e.attributes["step"] for e in named["denoising"].events] == list(range(1, STEPS + 1))
+        for name in ("queue", "pipeline", "encode"):
+            assert named[name].parent.span_id == root.get_span_context().span_id
+    assert telemetry.ENABLED is False
+
+
 async def test_a_job_with_two_images_batches_with_a_job_with_one(engine):
     two, one = params(10, n=2), params(20)
     a, b = await run_all(engine, (two, None, None), (one, None, None))

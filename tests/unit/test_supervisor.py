@@ -30,6 +30,7 @@ def _workers_environment(tmp_path, monkeypatch, devices: list[str], cores: int) 
     models = [{**demo, "devices": devices}]
     settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "models": models})
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)))
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
     supervisor = Supervisor(settings, Pool(settings.models), tmp_path / "run")
     environments = {}
     for device, k in supervisor._layout():
@@ -54,3 +55,19 @@ def test_cpu_workers_share_the_cores_of_the_host(tmp_path, monkeypatch):
 def test_an_operator_set_thread_count_is_left_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert _workers_environment(tmp_path, monkeypatch, ["cpu", "cpu"], 8) == {"local-cpu": None, "local-cpu-2": None}
+
+
+def test_workers_inherit_the_otel_variables_under_their_own_service_name(tmp_path, monkeypatch):
+    demo = msgspec.to_builtins(demo_model(str(tmp_path)))
+    settings = load_settings(
+        environ={}, overrides={"data_dir": str(tmp_path), "models": [{**demo, "devices": ["cuda:0"]}]}
+    )
+    supervisor = Supervisor(settings, Pool(settings.models), tmp_path / "run")
+    worker = LocalWorker("cuda:0", [], tmp_path / "w.sock", member=None)  # type: ignore[arg-type]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    assert supervisor._environment(worker) is None, "inherited as it is: the worker names itself imagegate-worker"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "images-eu")
+    env = supervisor._environment(worker)
+    assert env is not None and env["OTEL_SERVICE_NAME"] == "images-eu-worker"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://127.0.0.1:4318"

@@ -29,7 +29,7 @@ class FakeEngine:
         self.jobs: list[Job] = []
         self.cancelled = 0
 
-    def submit(self, params: GenerationParams, image: bytes | None, mask: bytes | None) -> Job:
+    def submit(self, params: GenerationParams, image: bytes | None, mask: bytes | None, *, trace=None) -> Job:
         job = Job(params, image, mask)
         job.events.put_nowait(Progress(step=1, total=2))
         self.jobs.append(job)
