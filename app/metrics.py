@@ -19,7 +19,12 @@ _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
 _HTTP = ["method", "path", "status_code", "app_name"]
 HTTP_REQUESTS = Counter("imagegate_http_requests_total", "Total requests", _HTTP)
-HTTP_DURATION = Histogram("imagegate_http_request_duration_seconds", "Request duration, in seconds", _HTTP)
+HTTP_DURATION = Histogram(
+    "imagegate_http_request_duration_seconds",
+    "Request duration, in seconds",
+    _HTTP,
+    buckets=(0.005, 0.01, 0.025, *_SECONDS),  # from API calls of milliseconds to generations of minutes
+)
 HTTP_IN_PROGRESS = Gauge(
     "imagegate_http_requests_in_progress", "Total requests currently in progress", _HTTP, multiprocess_mode="livesum"
 )
