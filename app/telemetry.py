@@ -38,8 +38,9 @@ WORKER = "imagegate-worker"
 
 EXPORT_BATCH = 32
 """Spans per export when ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` is unset (the SDK's default is 512). Encoding a batch
-holds the GIL: 512 spans at once stalled the event loop for tens of milliseconds, which showed as +80 ms of p99
-latency at 200 req/s; batches of 32 cost the same CPU and add next to nothing (``benchmarks/telemetry.py``)."""
+holds the GIL: 512 spans at once stalled the event loop for tens of milliseconds (+50 to +80 ms of p99 latency at
+200 req/s in ``benchmarks/telemetry.py``, 128 as much); with batches of 32 the p99 stayed that of tracing off, for
+the same CPU."""
 
 ENABLED = False
 """Whether traces are on in this process: the one check every call site makes before touching a span."""
