@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 
+import structlog
 from prometheus_client import REGISTRY
 
 from app.pool import Member
@@ -19,3 +22,19 @@ class InOrder:
 
     def choose(self, candidates: Sequence[Member], work: float) -> Member:
         return candidates[0]
+
+
+@contextlib.contextmanager
+def restored_logging() -> Iterator[None]:
+    """Give the root logger back its handlers and level, and structlog its defaults, after ``logs.setup``."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        structlog.reset_defaults()

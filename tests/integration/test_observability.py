@@ -5,17 +5,15 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import logging
 from collections.abc import Iterator
 
 import pytest
-import structlog
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from app import logs, telemetry
 from app.backends.fake import FakeBackend
-from tests.helpers import InOrder
+from tests.helpers import InOrder, restored_logging
 
 from .conftest import make_client
 
@@ -37,19 +35,10 @@ def _model(name: str) -> dict:
 @pytest.fixture
 def log_lines() -> Iterator[io.StringIO]:
     """Every log line of the test as JSON, through the real handler; the root logger is restored afterwards."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
     buf = io.StringIO()
-    logs.setup("debug", "json", stream=buf)
-    try:
+    with restored_logging():
+        logs.setup("debug", "json", stream=buf)
         yield buf
-    finally:
-        for handler in root.handlers[:]:
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
-        structlog.reset_defaults()
 
 
 def parsed(buf: io.StringIO) -> list[dict]:

@@ -11,21 +11,13 @@ import pytest
 import structlog
 
 from app import logs
+from tests.helpers import restored_logging
 
 
 @pytest.fixture
 def restore_root() -> Iterator[None]:
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
+    with restored_logging():
         yield
-    finally:
-        for handler in root.handlers[:]:
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
-        structlog.reset_defaults()
 
 
 def lines(fmt: str, level: str = "info") -> tuple[io.StringIO, logging.Logger]:
