@@ -365,6 +365,8 @@ def main() -> None:
         "notes": [
             "Noisy 2-core VM: compare configurations within a run (they ran back to back), not across runs.",
             "The tracing configuration's CPU includes the batch span processor's export thread (encoding, HTTP).",
+            "A p99 near 100 ms in any configuration is a full garbage collection of the gateway (55-90 ms) during "
+            "that test: compare the medians over rounds.",
         ],
     }
     path = Path(args.out)
