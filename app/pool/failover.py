@@ -222,25 +222,25 @@ class Dispatch:
                         timing.backend += time.perf_counter() - waited
                 now = time.monotonic()
                 if isinstance(event, Started):
-                    metrics.QUEUE_WAIT_SECONDS.labels(model).observe(lease.started())
-                    metrics.BATCH_SIZE.labels(model).observe(event.batch_size)
+                    metrics.child(metrics.QUEUE_WAIT_SECONDS, model).observe(lease.started())
+                    metrics.child(metrics.BATCH_SIZE, model).observe(event.batch_size)
                     if span is not None:
                         self._admitted()
                         span.set_attribute("imagegate.batch_size", event.batch_size)
                 elif isinstance(event, Progress):
                     if last_step:
-                        metrics.STEP_SECONDS.labels(model).observe(now - last_step)
+                        metrics.child(metrics.STEP_SECONDS, model).observe(now - last_step)
                     last_step = now
                 elif isinstance(event, Partial) and first_partial:
                     first_partial = False
-                    metrics.FIRST_PARTIAL_SECONDS.labels(model).observe(now - lease.admitted_at)
+                    metrics.child(metrics.FIRST_PARTIAL_SECONDS, model).observe(now - lease.admitted_at)
                 elif isinstance(event, Failed):
                     raise from_worker(event)
                 yield event
                 if isinstance(event, Done):
                     succeeded = True
                     if lease.started_at is not None:
-                        metrics.GENERATION_SECONDS.labels(model).observe(now - lease.started_at)
+                        metrics.child(metrics.GENERATION_SECONDS, model).observe(now - lease.started_at)
                     return
         except BaseException as e:
             if span is not None:
