@@ -453,7 +453,7 @@ class UpstreamBackend:
         buf, start, end = _data(block, lines)
         if buf is None:
             return None, 0
-        if buf[start:end] == b"[DONE]":
+        if end - start == 6 and buf.startswith(b"[DONE]", start):  # not a slice: that would copy a whole image
             return _END, 0
         try:
             skeleton, found = _cut_images(buf, start, end)
