@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import shutil
 import tempfile
@@ -257,6 +258,11 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        # What start-up made (modules, the app, its services) lives as long as the process. Frozen, it is left out
+        # of the collector's full passes, which would otherwise walk it every minute or so under load (about 90 ms
+        # each, every request in flight waiting).
+        gc.collect()
+        gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain is not None or self._loop is None or "pool" not in self.litestar.state:
