@@ -298,11 +298,8 @@ def inject(headers: MutableMapping[str, str]) -> None:
 
 
 @contextlib.contextmanager
-def current(span: Span | None) -> Iterator[None]:
-    """Make ``span`` current for a block (nothing when None)."""
-    if span is None:
-        yield
-        return
+def current(span: Span) -> Iterator[None]:
+    """Make ``span`` current for a block."""
     token = attach(span)
     try:
         yield

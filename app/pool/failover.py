@@ -269,8 +269,5 @@ class Dispatch:
 
 async def _within(span: telemetry.Span, step: Awaitable[WorkerEvent]) -> WorkerEvent:
     """Await a backend's next event with ``span`` current: what the backend sends carries it (``traceparent``)."""
-    token = telemetry.attach(span)
-    try:
+    with telemetry.current(span):
         return await step
-    finally:
-        telemetry.detach(token)
